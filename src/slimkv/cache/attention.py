@@ -1,0 +1,132 @@
+"""Attention of new queries over a layer's kept entries, grouped-query aware, masked by position.
+
+The KV heads are never repeated to match the query heads: the ``G = q_heads / kv_heads`` query
+heads of a group are folded into the query-token axis, so every kept entry is read once per group.
+Causality comes from *positions*, not slots: a query at position ``p`` sees every kept entry with
+position ``<= p`` (and ``> p - window`` on sliding-window layers). Rows that hold fewer entries than
+the widest row (ragged heads, batched sequences of different length) mask their free slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Query rows scored at once when attention weights must be materialised (never a full n x n).
+EXPLICIT_ROWS = 256
+
+
+def attend_rows(
+    query: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    positions: Tensor,
+    query_positions: Tensor,
+    scale: float,
+    *,
+    valid: Tensor | None,
+    new_tokens: int,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    want_key_mass: bool = False,
+    mask_cache: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Grouped-query attention over kept entries.
+
+    query:           [B, Hq, T, D]   (RoPE applied at the query positions)
+    keys, values:    [B, H, L, D]    the layer's view, the last ``new_tokens`` slots hold this pass's tokens
+                                     when ``valid`` is None (every row full)
+    positions:       [B, H, L]       original positions of the entries
+    query_positions: [B, T]
+    valid:           [B, H, L] bool or None when every slot of the view holds an entry
+    Returns (output [B, Hq, T, D], key mass [B, H, L] float32 or None).
+    """
+    batch, q_heads, tokens, dim = query.shape
+    heads, length = keys.shape[1], keys.shape[2]
+    groups = q_heads // heads
+    q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
+    mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window, mask_cache)
+    if softcap is None and not want_key_mass:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        mass = None
+    else:
+        out, mass = _explicit(q, keys, values, mask, scale, softcap, want_key_mass)
+    return out.view(batch, heads, groups, tokens, dim).reshape(batch, q_heads, tokens, dim), mass
+
+
+def _mask(
+    positions: Tensor,
+    query_positions: Tensor,
+    valid: Tensor | None,
+    new_tokens: int,
+    groups: int,
+    sliding_window: int | None,
+    mask_cache: dict | None,
+) -> Tensor | None:
+    """Bool mask broadcastable to ``[B, H, G*T, L]`` (True = attend), or None when nothing is masked."""
+    batch, heads, length = positions.shape
+    tokens = query_positions.shape[1]
+    window = sliding_window is not None and _window_bites(positions, query_positions, sliding_window)
+    if valid is None and not window:
+        if tokens == 1:
+            return None
+        # Every row is full and the new tokens sit in the last T slots: everything cached is
+        # visible, the new block is causal. Same for every row and head, so build it once.
+        key = ("block", groups, tokens, length, positions.device)
+        if mask_cache is not None and key in mask_cache:
+            return mask_cache[key]
+        block = torch.ones(tokens, length, dtype=torch.bool, device=positions.device)
+        block[:, length - new_tokens :] = torch.ones(
+            tokens, new_tokens, dtype=torch.bool, device=positions.device
+        ).tril(new_tokens - tokens)
+        block = block.repeat(groups, 1)  # [G*T, L]
+        if mask_cache is not None:
+            mask_cache[key] = block
+        return block
+    if tokens == 1 and not window:
+        assert valid is not None
+        return valid[:, :, None, :]  # [B, H, 1, L] broadcasts over the G query rows
+    qpos = query_positions[:, None, :, None]  # [B, 1, T, 1]
+    kpos = positions[:, :, None, :]  # [B, H, 1, L]
+    allowed = kpos <= qpos  # [B, H, T, L]
+    if window:
+        allowed = allowed & (kpos > qpos - sliding_window)
+    if valid is not None:
+        allowed = allowed & valid[:, :, None, :]
+    return allowed[:, :, None].expand(batch, heads, groups, tokens, length).reshape(
+        batch, heads, groups * tokens, length
+    )
+
+
+def _window_bites(positions: Tensor, query_positions: Tensor, window: int) -> bool:
+    """True when some kept entry is older than the sliding window of some query."""
+    return int(query_positions.max()) - int(positions.min()) >= window
+
+
+def _explicit(
+    q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float,
+    softcap: float | None, want_key_mass: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention with materialised weights, ``EXPLICIT_ROWS`` query rows at a time.
+
+    q: [B, H, R, D] with R = G*T rows; returns output [B, H, R, D] and key mass [B, H, L].
+    """
+    batch, heads, rows, _ = q.shape
+    length = keys.shape[2]
+    out = torch.empty_like(q)
+    mass = torch.zeros(batch, heads, length, dtype=torch.float32, device=q.device) if want_key_mass else None
+    keys_t = keys.transpose(-1, -2)
+    for start in range(0, rows, EXPLICIT_ROWS):
+        stop = min(start + EXPLICIT_ROWS, rows)
+        logits = (q[:, :, start:stop] @ keys_t).float() * scale  # [B, H, r, L]
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        if mask is not None:
+            m = mask[..., start:stop, :] if mask.shape[-2] == rows else mask
+            logits = logits.masked_fill(~m, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[:, :, start:stop] = (probs.to(values.dtype) @ values)
+        if mass is not None:
+            mass += probs.sum(dim=2)
+    return out, mass

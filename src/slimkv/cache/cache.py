@@ -1,0 +1,98 @@
+"""The KV cache slimkv owns: one :class:`KVLayer` per model layer plus what every report needs.
+
+Contract: the engine creates a :class:`SlimCache` for a model (``SlimCache.for_model``), runs forward
+passes that fill it through the attention function, lets a compressor shrink it, and reads
+:meth:`SlimCache.stats`. Sequences prefilled separately are merged for batched decoding with
+:meth:`SlimCache.stack`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layer import KVLayer
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """KV size of a cache, summed over its sequences.
+
+    tokens_full: tokens whose KV an uncompressed cache would hold (every processed token)
+    tokens_kept: entries actually held, averaged over layers and KV heads (rounded)
+    bytes_full:  bytes an uncompressed cache of the model's dtype holds for ``tokens_full`` tokens
+    bytes_kept:  every byte the cache holds: keys, values, positions, free slots, compressor state
+    """
+
+    tokens_full: int
+    tokens_kept: int
+    bytes_full: int
+    bytes_kept: int
+
+    @property
+    def saved_fraction(self) -> float:
+        return 0.0 if self.bytes_full == 0 else 1.0 - self.bytes_kept / self.bytes_full
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Shape facts of a model's KV cache.
+
+    layers: number of attention layers; kv_heads: KV heads per layer; head_dim: entries per key
+    dtype: dtype of keys and values
+    """
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of keys and values one token adds to an uncompressed cache (all layers)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.layers * self.kv_heads * self.head_dim * element
+
+
+class SlimCache:
+    """Per-layer KV storage for a batch of sequences.
+
+    seen: per sequence, the number of tokens processed so far, which is also the position of the
+    next token (positions never shift when entries are evicted).
+    """
+
+    def __init__(self, spec: CacheSpec, batch: int = 1) -> None:
+        self.spec = spec
+        self.layers = [KVLayer() for _ in range(spec.layers)]
+        self.seen = [0] * batch
+
+    @property
+    def batch(self) -> int:
+        return len(self.seen)
+
+    def reserve(self, extra_tokens: int) -> None:
+        """Make room for ``extra_tokens`` more entries per row in every initialised layer."""
+        for layer in self.layers:
+            layer.reserve(layer.max_length + extra_tokens)
+
+    def stats(self) -> CacheStats:
+        tokens_full = sum(self.seen)
+        rows = self.spec.layers * self.spec.kv_heads
+        kept = sum(layer.entries() for layer in self.layers)
+        return CacheStats(
+            tokens_full=tokens_full,
+            tokens_kept=round(kept / rows) if rows else 0,
+            bytes_full=tokens_full * self.spec.bytes_per_token,
+            bytes_kept=sum(layer.nbytes() for layer in self.layers),
+        )
+
+    @classmethod
+    def stack(cls, caches: list[SlimCache]) -> SlimCache:
+        """One batched cache from several caches (each may hold one or more sequences)."""
+        if not caches:
+            raise ValueError("stack needs at least one cache")
+        out = cls(caches[0].spec, batch=0)
+        out.layers = [KVLayer.stack([c.layers[i] for c in caches]) for i in range(out.spec.layers)]
+        out.seen = [n for c in caches for n in c.seen]
+        return out

@@ -1,0 +1,267 @@
+"""One layer's KV entries: dense rows per (sequence, KV head), with explicit positions.
+
+Contract (who calls what, in which order):
+
+1. The engine creates an empty :class:`KVLayer` per model layer and may ``reserve`` room for a
+   prompt it is about to prefill.
+2. During every forward pass the attention function (``models/adapter.py``) calls ``append`` with
+   the new keys and values, then ``attend`` with the new queries.
+3. Compressors shrink the layer between or during forward passes with ``keep`` (prefill phase:
+   keep a subset) or ``replace`` (decode phase: overwrite one evicted entry per row with the new
+   token), and may keep per-entry state in ``slot_state`` (moved along with the entries).
+4. Reports read ``nbytes`` (every allocated byte) and ``entries`` (valid entries).
+
+Layout::
+
+    keys, values: [batch, kv_heads, capacity, head_dim]   model dtype
+    positions:    [batch, kv_heads, capacity]             int32, original token position of each entry
+    lengths:      [batch, kv_heads]                       int64, valid entries of each row
+    slot_state:   name -> [batch, kv_heads, capacity]     float32 per-entry compressor state
+
+The entries of a row live in slots ``[0, length)``; slots past a row's length are free. Rows may hold
+different numbers of entries (different sequences of a batch, or different KV heads), and entries
+inside a row are unordered: attention masks by *position*, never by slot, so eviction can overwrite
+any slot. RoPE was applied to the keys at their original positions, which therefore never change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .attention import attend_rows
+
+#: Free slots added when a row runs out of room while decoding; bounded slack that ``nbytes`` counts.
+GROWTH_BLOCK = 64
+
+
+class KVLayer:
+    """Dense per-row KV storage of one attention layer (see the module docstring for the layout)."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.positions: Tensor | None = None
+        self.lengths: Tensor | None = None
+        self.slot_state: dict[str, Tensor] = {}
+        self.extra: dict[str, Tensor] = {}  # per-layer compressor state that is not per entry
+        self.scale = 1.0  # softmax scale of the attention reading this layer (set by the engine)
+        self._max_len = 0
+        self._uniform = True  # every row holds the same number of entries
+        self._reserved = 0
+
+    # ------------------------------------------------------------------ shape and size
+    @property
+    def initialized(self) -> bool:
+        return self.keys is not None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def max_length(self) -> int:
+        """Largest number of valid entries in any row; slots ``>= max_length`` are free everywhere."""
+        return self._max_len
+
+    @property
+    def uniform(self) -> bool:
+        """True when every row holds exactly ``max_length`` entries (no free slot is inside the view)."""
+        return self._uniform
+
+    def entries(self) -> int:
+        """Valid (kept) entries summed over all rows."""
+        return 0 if self.lengths is None else int(self.lengths.sum())
+
+    def nbytes(self) -> int:
+        """Every byte this layer holds: keys, values, positions, lengths and per-entry state."""
+        tensors = [self.keys, self.values, self.positions, self.lengths, *self.slot_state.values()]
+        tensors += list(self.extra.values())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def view(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` of slots ``[0, max_length)``."""
+        n = self._max_len
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n]
+
+    def valid_mask(self) -> Tensor:
+        """``[B, H, L]`` bool: which slots of the view hold entries."""
+        assert self.lengths is not None
+        idx = torch.arange(self._max_len, device=self.lengths.device)
+        return idx < self.lengths[..., None]
+
+    # ------------------------------------------------------------------ allocation
+    def _allocate(self, like: Tensor, batch: int, heads: int, capacity: int) -> None:
+        dim = like.shape[-1]
+        self.keys = like.new_empty(batch, heads, capacity, dim)
+        self.values = like.new_empty(batch, heads, capacity, dim)
+        self.positions = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=like.device)
+        self.lengths = torch.zeros(batch, heads, dtype=torch.int64, device=like.device)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` slots per row (taken at the first append if not yet allocated)."""
+        if self.keys is None:
+            self._reserved = max(self._reserved, capacity)
+        elif capacity > self.capacity:
+            self._resize(capacity)
+
+    def _resize(self, capacity: int) -> None:
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        n = min(self._max_len, capacity)
+
+        def grow(t: Tensor) -> Tensor:
+            new = t.new_zeros(*t.shape[:2], capacity, *t.shape[3:])
+            new[:, :, :n] = t[:, :, :n]
+            return new
+
+        self.keys, self.values, self.positions = grow(self.keys), grow(self.values), grow(self.positions)
+        self.slot_state = {k: grow(v) for k, v in self.slot_state.items()}
+
+    def _ensure_room(self, extra: int, exact: bool) -> None:
+        needed = self._max_len + extra
+        if needed > self.capacity:
+            self._resize(needed if exact else needed + GROWTH_BLOCK - 1 - (needed - 1) % GROWTH_BLOCK)
+
+    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
+        """Create (or return) a float32 per-entry state tensor that follows the entries around."""
+        if name not in self.slot_state:
+            assert self.keys is not None
+            self.slot_state[name] = torch.full(
+                self.keys.shape[:3], fill, dtype=torch.float32, device=self.keys.device
+            )
+        return self.slot_state[name]
+
+    # ------------------------------------------------------------------ writing
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False) -> None:
+        """Add new entries at the end of every row.
+
+        keys, values: [batch, kv_heads, tokens, head_dim]
+        positions:    [batch, tokens] original positions of the new tokens
+        exact:        grow to exactly the needed capacity (prefill) instead of by ``GROWTH_BLOCK``.
+        """
+        batch, heads, tokens, _ = keys.shape
+        if self.keys is None:
+            self._allocate(keys, batch, heads, max(tokens, self._reserved))
+        self._ensure_room(tokens, exact)
+        assert self.keys is not None and self.values is not None
+        assert self.positions is not None and self.lengths is not None
+        pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens)
+        if self._uniform:
+            start = self._max_len
+            self.keys[:, :, start : start + tokens] = keys
+            self.values[:, :, start : start + tokens] = values
+            self.positions[:, :, start : start + tokens] = pos
+            for state in self.slot_state.values():
+                state[:, :, start : start + tokens] = 0.0
+        else:
+            slots = self.lengths[..., None] + torch.arange(tokens, device=keys.device)  # [B, H, T]
+            self._scatter(slots, keys, values, pos)
+        self.lengths += tokens
+        self._max_len += tokens
+
+    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Decode-phase write of one new token per row, evicting where a row is full.
+
+        slots:     [batch, kv_heads] slot of the evicted entry, used only where ``full``
+        full:      [batch, kv_heads] bool, rows at their budget (others grow by one)
+        keys, values: [batch, kv_heads, 1, head_dim]; positions: [batch, 1]
+        """
+        assert self.lengths is not None
+        if not bool(full.any()):
+            self.append(keys, values, positions)
+            return
+        self._ensure_room(1, exact=False)
+        target = torch.where(full, slots, self.lengths)[..., None]  # [B, H, 1]
+        batch, heads = full.shape
+        pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, 1)
+        self._scatter(target, keys, values, pos)
+        self.lengths += (~full).long()
+        self._refresh_lengths()
+
+    def _scatter(self, slots: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> None:
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        idx = slots[..., None].expand(*slots.shape, keys.shape[-1])
+        self.keys.scatter_(2, idx, keys)
+        self.values.scatter_(2, idx, values)
+        self.positions.scatter_(2, slots, pos)
+        for state in self.slot_state.values():
+            state.scatter_(2, slots, 0.0)
+
+    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
+        """Keep only the entries at ``indices`` and free everything else.
+
+        indices: [batch, kv_heads, k] slots to keep (sorted per row to preserve position order)
+        lengths: optional [batch, kv_heads]; rows keep only their first ``lengths`` indices (ragged)
+        The new storage holds exactly ``k`` slots per row: the dropped bytes are really released.
+        """
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        indices = indices.sort(dim=-1).values
+        idx = indices[..., None].expand(*indices.shape, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, idx)
+        self.values = self.values.gather(2, idx)
+        self.positions = self.positions.gather(2, indices)
+        self.slot_state = {k: v.gather(2, indices) for k, v in self.slot_state.items()}
+        k = indices.shape[-1]
+        self.lengths = lengths.clone() if lengths is not None else torch.full_like(self.lengths, k)
+        self._refresh_lengths()
+
+    def _refresh_lengths(self) -> None:
+        assert self.lengths is not None
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        self._max_len, self._uniform = hi, lo == hi
+
+    # ------------------------------------------------------------------ reading
+    def attend(
+        self,
+        query: Tensor,
+        query_positions: Tensor,
+        scale: float,
+        new_tokens: int,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        want_key_mass: bool = False,
+        mask_cache: dict | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of new queries over this layer's entries (call after ``append``).
+
+        query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
+        new_tokens: how many of the entries were appended by this forward pass
+        Returns the output ``[batch, q_heads, tokens, head_dim]`` and, if asked, the attention
+        mass each entry received ``[batch, kv_heads, L]`` (summed over the queries of its group).
+        """
+        keys, values, positions = self.view()
+        valid = None if self._uniform else self.valid_mask()
+        return attend_rows(
+            query, keys, values, positions, query_positions, scale,
+            valid=valid, new_tokens=new_tokens, sliding_window=sliding_window,
+            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache,
+        )
+
+    # ------------------------------------------------------------------ batching
+    @classmethod
+    def stack(cls, layers: list[KVLayer]) -> KVLayer:
+        """One layer holding the rows of several single-sequence layers (ragged lengths allowed)."""
+        out = cls()
+        if not layers or any(not layer.initialized for layer in layers):
+            return out
+        cap = max(layer.max_length for layer in layers)
+
+        def cat(get) -> Tensor:
+            parts = []
+            for layer in layers:
+                t = get(layer)[:, :, :cap]
+                if t.shape[2] < cap:
+                    pad = t.new_zeros(*t.shape[:2], cap - t.shape[2], *t.shape[3:])
+                    t = torch.cat([t, pad], dim=2)
+                parts.append(t)
+            return torch.cat(parts, dim=0)
+
+        out.keys = cat(lambda layer: layer.keys)
+        out.values = cat(lambda layer: layer.values)
+        out.positions = cat(lambda layer: layer.positions)
+        out.lengths = torch.cat([layer.lengths for layer in layers], dim=0)
+        names = set.intersection(*(set(layer.slot_state) for layer in layers))
+        out.slot_state = {n: cat(lambda layer, n=n: layer.slot_state[n]) for n in names}
+        out._refresh_lengths()
+        return out

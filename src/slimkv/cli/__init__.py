@@ -1,0 +1,1 @@
+"""The ``slimkv`` console script: one module per subcommand."""

@@ -1,0 +1,79 @@
+"""SnapKV: the attention of the prompt's last queries (the observation window) picks what to keep.
+
+Paper: Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv:2404.14469.
+
+Only the window's queries are kept while prefilling (``window`` x q_heads x head_dim per layer); at
+compression time their attention over the layer's keys is computed once, ``[B, Hq, window, L]`` -
+never the prompt's full n x n attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...cache import KVLayer
+from ...errors import ConfigError
+from ..base import Compressor, ScoreContext
+from ..registry import register
+
+
+@register
+@dataclass
+class SnapKVCompressor(Compressor):
+    """Window-query attention, max-pooled over neighbours, top-k per KV head; the window is kept.
+
+    window: observation window, the last prompt tokens whose queries vote
+    kernel: max-pooling kernel over neighbouring positions (odd)
+    """
+
+    window: int = 64
+    kernel: int = 7
+
+    name = "snapkv"
+    paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
+    supported_phases = ("prefill",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise ConfigError(f"snapkv window must be >= 1, got {self.window}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"snapkv kernel must be an odd number >= 1, got {self.kernel}")
+
+    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+                key_mass: Tensor | None) -> None:
+        q, pos = query, query_positions  # [B, Hq, T, D], [B, T]
+        prev = layer.extra.get("snapkv_q")
+        if prev is not None and prev.shape[0] == q.shape[0]:
+            q = torch.cat([prev, q], dim=2)
+            pos = torch.cat([layer.extra["snapkv_pos"], pos], dim=1)
+        layer.extra["snapkv_q"] = q[:, :, -self.window :].contiguous()
+        layer.extra["snapkv_pos"] = pos[:, -self.window :].contiguous()
+
+    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+        if "snapkv_q" not in layer.extra:
+            raise RuntimeError("snapkv scores need the observation window; no prefill was observed")
+        keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
+        q, qpos = layer.extra["snapkv_q"], layer.extra["snapkv_pos"]  # [B, Hq, w, D], [B, w]
+        batch, heads, length, dim = keys.shape
+        groups, w = q.shape[1] // heads, q.shape[2]
+        logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
+        logits = logits.float().view(batch, heads, groups, w, length) * layer.scale
+        visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
+        if not layer.uniform:
+            visible = visible & layer.valid_mask()[:, :, None, None, :]
+        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        votes = probs.mean(dim=(2, 3))  # [B, H, L]
+        # pool over neighbouring *positions* (slots may be out of order after decode-phase eviction)
+        order = positions.argsort(dim=-1)
+        pooled = F.max_pool1d(
+            votes.gather(-1, order).view(batch * heads, 1, length),
+            self.kernel, stride=1, padding=self.kernel // 2,
+        ).view(batch, heads, length)
+        scores = torch.empty_like(votes).scatter_(-1, order, pooled)
+        in_window = positions >= qpos.min(dim=1).values[:, None, None]
+        return scores.masked_fill(in_window, float("inf"))

@@ -1,0 +1,1 @@
+"""Evaluation tasks and scoring (the full suite is being built; see the issues)."""

@@ -1,0 +1,168 @@
+"""The one module that touches transformers internals.
+
+slimkv plugs into a Hugging Face causal LM without patching it: it registers an attention function
+and a (no-op) mask builder under its own name, ``"slimkv"``, in transformers' ``AttentionInterface``
+and ``AttentionMaskInterface``, and switches a model instance to that implementation only inside
+:meth:`ModelAdapter.attached`, which restores the previous one in ``finally``. Forward passes run
+with ``use_cache=False``, explicit ``position_ids`` and a ``slimkv=`` keyword that transformers hands
+down to every attention call; the attention function gives the new keys and values to slimkv's cache
+and attends over what the cache holds. Called without that keyword (the model used on its own), the
+function is plain SDPA, so the model keeps working as usual.
+
+Everything that depends on the transformers version lives here: the registration, the attention
+function signature, the config fields read for the cache shape, and the capability checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ..cache import CacheSpec
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "slimkv"
+
+
+class AttentionSink(Protocol):
+    """What the attention function hands each layer's new tokens to (``engine.forward.ForwardContext``)."""
+
+    def attend(
+        self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
+        sliding_window: int | None, softcap: float | None,
+    ) -> Tensor:
+        """query [B, Hq, T, D], key/value [B, H, T, D] -> attention output [B, T, Hq, D]."""
+        ...
+
+
+def _slimkv_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    slimkv: AttentionSink | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention-function signature; see the module docstring."""
+    if slimkv is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+            sliding_window=sliding_window, softcap=softcap, **kwargs,
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = slimkv.attend(module.layer_idx, query, key, value, scale, sliding_window, softcap)
+    return out, None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Mask builder for our attention: causality comes from the cache's positions."""
+    return None
+
+
+def register_attention() -> None:
+    """Register slimkv's attention under its own name (idempotent; never replaces another entry)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _slimkv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+def text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class ModelAdapter:
+    """A causal LM as slimkv runs it: cache shape, context length, and forward passes over our cache."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        check_supported(model)
+        register_attention()
+        self.model = model.eval()
+        cfg = text_config(model)
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.spec = CacheSpec(
+            layers=cfg.num_hidden_layers, kv_heads=kv_heads, head_dim=head_dim,
+            dtype=next(model.parameters()).dtype,
+        )
+        self.q_heads = heads
+        self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2048
+        self.device = next(model.parameters()).device
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Run the model with slimkv's attention inside this block; restore the previous one after."""
+        previous = self.model.config._attn_implementation
+        if previous == ATTENTION_NAME:
+            yield
+            return
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, sink: AttentionSink, all_logits: bool = False) -> Tensor:
+        """One forward pass over new tokens (call inside :meth:`attached`).
+
+        input_ids, positions: [batch, tokens]
+        Returns logits [batch, tokens, vocab] if ``all_logits`` else [batch, 1, vocab] of the last token.
+        """
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=0 if all_logits else 1,
+            slimkv=sink,
+        )
+        return out.logits
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise :class:`ModelError` unless slimkv's cache can run this model.
+
+    Capabilities, not class names: a decoder-only LM whose attention layers go through
+    transformers' attention-function interface, know their ``layer_idx``, and take ``position_ids``.
+    """
+    name = type(model).__name__
+    cfg = text_config(model)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ModelError(f"{name} is an encoder-decoder model; slimkv runs decoder-only causal LMs.")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ModelError(
+            f"{name} does not route attention through transformers' AttentionInterface, so slimkv "
+            "cannot hold its KV cache. Use a model family such as Llama, Mistral, Qwen2/3 or Gemma."
+        )
+    for field in ("num_attention_heads", "num_hidden_layers", "hidden_size"):
+        if getattr(cfg, field, None) is None:
+            raise ModelError(f"{name}'s config has no `{field}`; slimkv needs it to shape the cache.")
+    layer_types = getattr(cfg, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    if odd:
+        raise ModelError(
+            f"{name} has layers of type {', '.join(odd)}; slimkv's cache holds attention layers only."
+        )
+    attn_layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
+    if len(attn_layers) != cfg.num_hidden_layers:
+        raise ModelError(
+            f"{name}: found {len(attn_layers)} attention modules with a layer index for "
+            f"{cfg.num_hidden_layers} layers; slimkv cannot map its cache onto this model."
+        )
