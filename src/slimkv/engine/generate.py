@@ -178,15 +178,18 @@ class Engine:
             )
 
     # ------------------------------------------------------------------ generation
-    def stream(self, requests: list[Request] | Request, config: GenerationConfig | None = None,
-               progress: ProgressFn | None = None) -> Generation:
-        """Start generating; iterate the result for :class:`TextDelta` pieces, then read ``.results``."""
-        reqs = [requests] if isinstance(requests, Request) else list(requests)
+    def stream(self, requests: list[Request | Segments] | Request | Segments,
+               config: GenerationConfig | None = None, progress: ProgressFn | None = None) -> Generation:
+        """Start generating; iterate the result for :class:`TextDelta` pieces, then read ``.results``.
+
+        A request is text (:class:`Request`) or already tokenized (:class:`Segments`).
+        """
+        reqs = [requests] if isinstance(requests, (Request, Segments)) else list(requests)
         if not reqs:
             raise InputError("no request to generate for")
         return Generation(self, reqs, config or GenerationConfig(), progress)
 
-    def generate(self, request: Request | str, config: GenerationConfig | None = None,
+    def generate(self, request: Request | Segments | str, config: GenerationConfig | None = None,
                  progress: ProgressFn | None = None) -> GenerationResult:
         """Generate for one request (a plain string is a raw prompt)."""
         req = Request(context=request) if isinstance(request, str) else request
@@ -195,7 +198,7 @@ class Engine:
             pass
         return gen.results[0]
 
-    def generate_batch(self, requests: list[Request], config: GenerationConfig | None = None) -> list[GenerationResult]:
+    def generate_batch(self, requests: list[Request | Segments], config: GenerationConfig | None = None) -> list[GenerationResult]:
         """Generate for several requests decoded together in one batch."""
         gen = self.stream(requests, config)
         for _ in gen:
@@ -206,11 +209,11 @@ class Engine:
 class Generation:
     """An in-progress generation: iterate for text pieces; ``results`` holds the outcome afterwards."""
 
-    def __init__(self, engine: Engine, requests: list[Request], config: GenerationConfig,
+    def __init__(self, engine: Engine, requests: list[Request | Segments], config: GenerationConfig,
                  progress: ProgressFn | None) -> None:
         self.engine = engine
         self.config = config
-        self.rows = [_Row(tokenize(engine.tokenizer, r)) for r in requests]
+        self.rows = [_Row(r if isinstance(r, Segments) else tokenize(engine.tokenizer, r)) for r in requests]
         for row in self.rows:
             engine.check_length(row.segments)
         self.progress = progress
