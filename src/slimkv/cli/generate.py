@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     compressor = build_compressor(args)
     request = build_request(args)
+    if not (request.context + request.question).strip():
+        raise InputError("the prompt is empty; give some text to generate from")
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),

@@ -38,11 +38,13 @@ class GenerationConfig:
     max_new_tokens: most tokens generated per sequence
     sampling: greedy (default) or seeded sampling
     stop: generation ends when the text contains any of these strings (they are cut off)
+    ignore_eos: keep generating past end-of-text tokens (benchmarks that need a fixed length)
     """
 
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -274,7 +276,7 @@ class Generation:
 
     def _accept(self, index: int, row: _Row, token: int) -> Iterator[TextDelta]:
         engine, stops = self.engine, self.config.stop
-        if token in engine.end_ids:
+        if token in engine.end_ids and not self.config.ignore_eos:
             row.finish = "eos"
             return
         row.ids.append(token)

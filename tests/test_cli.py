@@ -1,0 +1,46 @@
+"""The CLI contract: exit codes, messages, JSON shapes (tiny cases here; the embedded model in test_embedded)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimkv.cli.main import main
+from slimkv.compressors import names
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_methods_json_lists_every_compressor(capsys):
+    code, out, _ = run(capsys, "methods", "--json")
+    data = json.loads(out)
+    assert code == 0 and sorted(m["name"] for m in data) == names()
+    assert all({"kind", "phases", "paper"} <= set(m) for m in data)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ratio", "1.5", "--prompt", "hi"], "ratio must be in [0, 1)"),
+    (["--ratio", "-0.5", "--prompt", "hi"], "ratio must be in [0, 1)"),
+    (["--budget", "0", "--prompt", "hi"], "budget must be"),
+    (["--compressor", "bogus", "--prompt", "hi"], "valid compressors: "),
+    (["--prompt-file", "/no/such/file"], "does not exist"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--context", "some text"], "needs --question"),
+    (["--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
+    (["--model", "./missing/dir", "--prompt", "hi"], "does not exist"),
+])
+def test_bad_input_exits_2_with_message(capsys, argv, message):
+    code, out, err = run(capsys, "generate", *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_argparse_rejects_ratio_and_budget_together(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--ratio", "0.5", "--budget", "3", "--prompt", "x"])
+    assert exc.value.code == 2
