@@ -26,11 +26,14 @@ from ..registry import register
 class SnapKVCompressor(Compressor):
     """Window-query attention, max-pooled over neighbours, top-k per KV head; the window is kept.
 
-    window: observation window, the last prompt tokens whose queries vote
+    window: observation window, the last prompt tokens whose queries vote. 16 rather than the
+            paper's 32 or kvpress's 64: on the embedded model (1k-token needle, ratio 0.5,
+            question-aware) windows 8/16/32/64 retrieved 6/6/4/2 of 6 needles - a window wider than
+            the question lets haystack queries outvote it
     kernel: max-pooling kernel over neighbouring positions (odd)
     """
 
-    window: int = 64
+    window: int = 16
     kernel: int = 7
 
     name = "snapkv"
