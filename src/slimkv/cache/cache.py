@@ -87,6 +87,13 @@ class SlimCache:
             bytes_kept=sum(layer.nbytes() for layer in self.layers),
         )
 
+    def clone(self) -> SlimCache:
+        """An independent copy (every layer cloned; free slots dropped)."""
+        out = SlimCache(self.spec, batch=0)
+        out.layers = [layer.clone() for layer in self.layers]
+        out.seen = list(self.seen)
+        return out
+
     @classmethod
     def stack(cls, caches: list[SlimCache]) -> SlimCache:
         """One batched cache from several caches (each may hold one or more sequences)."""

@@ -238,6 +238,21 @@ class KVLayer:
             softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache,
         )
 
+    def clone(self) -> KVLayer:
+        """An independent copy holding exactly the valid slots (for compress-once, evaluate-many)."""
+        out = KVLayer()
+        out.scale, out._max_len, out._uniform = self.scale, self._max_len, self._uniform
+        if self.keys is None:
+            out._reserved = self._reserved
+            return out
+        n = self._max_len
+        assert self.values is not None and self.positions is not None and self.lengths is not None
+        out.keys, out.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
+        out.positions, out.lengths = self.positions[:, :, :n].clone(), self.lengths.clone()
+        out.slot_state = {k: v[:, :, :n].clone() for k, v in self.slot_state.items()}
+        out.extra = {k: v.clone() for k, v in self.extra.items()}
+        return out
+
     # ------------------------------------------------------------------ batching
     @classmethod
     def stack(cls, layers: list[KVLayer]) -> KVLayer:

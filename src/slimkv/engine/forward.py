@@ -31,21 +31,35 @@ class ForwardContext:
     positions: [batch, tokens] original positions of the new tokens
     compressor: the active method, or None for the full cache
     phase: "prefill" (prompt segments) or "decode" (generated tokens)
+    observers: methods that record what they need during this pass (default: the compressor).
+               Several observers let one prefill serve several methods (compress once per method,
+               prefill once per prompt).
     """
 
     cache: SlimCache
     positions: Tensor
     compressor: Compressor | None = None
     phase: str = "prefill"
+    observers: tuple[Compressor, ...] | None = None
     mask_cache: dict = field(default_factory=dict)
 
-    def _ctx(self, layer_idx: int, extra: int) -> ScoreContext:
-        assert self.compressor is not None
+    def __post_init__(self) -> None:
+        if self.observers is None:
+            self.observers = (self.compressor,) if self.compressor is not None else ()
+        self._watching = tuple(o for o in self.observers if o.active(self.phase))
+
+    def _ctx(self, layer_idx: int, extra: int, comp: Compressor | None = None) -> ScoreContext:
+        comp = comp or self.compressor
+        assert comp is not None
         seen = torch.tensor(self.cache.seen, dtype=torch.long) + extra
         return ScoreContext(
             layer_idx=layer_idx, num_layers=len(self.cache.layers),
-            keep=self.compressor.keep_for(seen), seen=seen, phase=self.phase,
+            keep=comp.keep_for(seen), seen=seen, phase=self.phase,
         )
+
+    def _ctx_for(self, layer_idx: int, extra: int) -> ScoreContext:
+        """Observation context: the compressor's budget, or the first observer's when there is none."""
+        return self._ctx(layer_idx, extra, self.compressor or self._watching[0])
 
     def attend(
         self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
@@ -56,23 +70,21 @@ class ForwardContext:
         layer.scale = scale
         tokens = key.shape[2]
         comp = self.compressor
-        observing = comp is not None and comp.active(self.phase)
         room = None
-        if observing and self.phase == "decode" and tokens == 1:
-            assert comp is not None
+        if comp is not None and self.phase == "decode" and tokens == 1 and comp.active("decode"):
             room = comp.make_room(layer, self._ctx(layer_idx, 1))
         if room is not None:
             layer.replace(room[0], room[1], key, value, self.positions)
         else:
             layer.append(key, value, self.positions, exact=self.phase == "prefill")
-        want_mass = observing and comp is not None and comp.needs_key_mass
         out, mass = layer.attend(
             query, self.positions, scale, tokens, sliding_window=sliding_window, softcap=softcap,
-            want_key_mass=want_mass, mask_cache=self.mask_cache,
+            want_key_mass=any(o.needs_key_mass for o in self._watching), mask_cache=self.mask_cache,
         )
-        if observing:
-            assert comp is not None
-            comp.observe(layer, self._ctx(layer_idx, tokens), query, self.positions, mass)
+        if self._watching:
+            ctx = self._ctx_for(layer_idx, tokens)
+            for observer in self._watching:
+                observer.observe(layer, ctx, query, self.positions, mass)
         return out.transpose(1, 2)
 
     def compress(self) -> None:

@@ -11,6 +11,7 @@ Order of work for a request (see ``prompts.Request``):
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -93,9 +94,10 @@ class TextDelta:
 
 @dataclass
 class _Row:
-    """Decoding state of one sequence."""
+    """Decoding state of one sequence (``prepared``: its cache and last logits, if already prefilled)."""
 
     segments: Segments
+    prepared: tuple[SlimCache, torch.Tensor] | None = None
     ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters already streamed
@@ -119,14 +121,23 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
 
+    def with_compressor(self, compressor: Compressor | None) -> Engine:
+        """The same model and settings with another compressor (cheap: nothing is reloaded)."""
+        clone = copy.copy(self)
+        clone.compressor = compressor
+        return clone
+
     # ------------------------------------------------------------------ prefill
     def new_cache(self, batch: int = 1) -> SlimCache:
         return SlimCache(self.adapter.spec, batch)
 
     def prefill(self, cache: SlimCache, ids: list[int], compress: bool,
-                progress: ProgressFn | None = None, done: int = 0, total: int | None = None) -> torch.Tensor:
+                progress: ProgressFn | None = None, done: int = 0, total: int | None = None,
+                observers: tuple[Compressor, ...] | None = None) -> torch.Tensor:
         """Feed ``ids`` to a one-sequence cache in chunks; compress at the end if asked.
 
+        observers: methods recording what they need while prefilling (default: the engine's
+                   compressor); pass several to let one prefill serve several methods.
         Returns the logits of the last token, [1, vocab].
         """
         if cache.batch != 1:
@@ -140,7 +151,7 @@ class Engine:
             chunk = ids[start : start + self.prefill_chunk]
             first = cache.seen[0]
             positions = torch.arange(first, first + len(chunk), device=device)[None]
-            ctx = ForwardContext(cache, positions, self.compressor, phase="prefill")
+            ctx = ForwardContext(cache, positions, self.compressor, phase="prefill", observers=observers)
             logits = self.adapter.forward(torch.tensor([chunk], device=device), positions, ctx)
             cache.seen[0] += len(chunk)
             if progress is not None:
@@ -191,6 +202,17 @@ class Engine:
             raise InputError("no request to generate for")
         return Generation(self, reqs, config or GenerationConfig(), progress)
 
+    def continue_from(self, cache: SlimCache, logits: torch.Tensor, segments: Segments,
+                      config: GenerationConfig | None = None) -> GenerationResult:
+        """Decode from an already prefilled (and compressed) one-sequence cache.
+
+        logits: [1, vocab] of the prompt's last token; segments: the prompt it holds (for counts).
+        """
+        gen = Generation(self, [segments], config or GenerationConfig(), None, prepared=[(cache, logits)])
+        for _ in gen:
+            pass
+        return gen.results[0]
+
     def generate(self, request: Request | Segments | str, config: GenerationConfig | None = None,
                  progress: ProgressFn | None = None) -> GenerationResult:
         """Generate for one request (a plain string is a raw prompt)."""
@@ -212,10 +234,13 @@ class Generation:
     """An in-progress generation: iterate for text pieces; ``results`` holds the outcome afterwards."""
 
     def __init__(self, engine: Engine, requests: list[Request | Segments], config: GenerationConfig,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None,
+                 prepared: list[tuple[SlimCache, torch.Tensor]] | None = None) -> None:
         self.engine = engine
         self.config = config
         self.rows = [_Row(r if isinstance(r, Segments) else tokenize(engine.tokenizer, r)) for r in requests]
+        for row, ready in zip(self.rows, prepared or []):
+            row.prepared = ready
         for row in self.rows:
             engine.check_length(row.segments)
         self.progress = progress
@@ -228,7 +253,7 @@ class Generation:
             t0 = time.perf_counter()
             caches, logits = [], []
             for row in self.rows:
-                cache, last = engine.prepare(row.segments, self.progress)
+                cache, last = row.prepared or engine.prepare(row.segments, self.progress)
                 caches.append(cache)
                 logits.append(last)
             cache = caches[0] if len(caches) == 1 else SlimCache.stack(caches)
