@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test setup bench clean
 
 $(STAMP): pyproject.toml Makefile
+	# redis-server backs the shared KV store tier and its tests (Debian package; needs root to install).
+	@command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+		else echo "note: redis-server is not installed (apt-get install redis-server); Redis tests will be skipped"; fi; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch from local disk: an unpinned torch would pull a multi-GB CUDA build.

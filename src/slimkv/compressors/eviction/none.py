@@ -23,5 +23,8 @@ class NoCompression(Compressor):
     def compresses(self) -> bool:
         return False
 
+    def describe(self) -> str:
+        return "none (full cache)"
+
     def score(self, layer: KVLayer, ctx: ScoreContext):  # pragma: no cover - never called
         raise RuntimeError("the full cache never scores entries")
