@@ -36,6 +36,13 @@ def build_compressor(args: argparse.Namespace):
     return make_compressor(args.compressor, ratio=args.ratio, budget=args.budget, phase=args.phase)
 
 
+def open_store(spec: str):
+    """A :class:`~slimkv.store.TierStack` from the ``--store`` syntax (errors are ConfigErrors)."""
+    from ..store import parse_store_spec
+
+    return parse_store_spec(spec)
+
+
 def read_text(path: str, what: str) -> str:
     p = Path(path)
     if not p.is_file():

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import InputError
 from .common import (PrefillBar, add_compressor_options, add_model_options, build_compressor, human_bytes,
-                     read_text)
+                     open_store, read_text)
 
 
 def add_parser(sub) -> None:
@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--prefill-chunk", type=int, default=1024, metavar="N", help="prompt tokens per forward pass")
+    p.add_argument("--store", default=None, metavar="SPEC",
+                   help="reuse prompt KV through a store: memory, disk:PATH, redis://HOST:PORT, or a "
+                        "comma-separated stack of them (e.g. memory,disk:PATH)")
+    p.add_argument("--tenant", default="default", help="store namespace of this user (default 'default')")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.set_defaults(func=run)
 
@@ -72,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
         stop=tuple(args.stop),
     )
+    stack = open_store(args.store) if args.store else None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     engine = Engine(model, tokenizer, compressor, prefill_chunk=args.prefill_chunk)
+    if stack is not None:
+        engine.use_store(stack, tenant=args.tenant)
     bar = PrefillBar(enabled=sys.stderr.isatty() or not args.json)
     gen = engine.stream(request, config, progress=bar)
     try:
@@ -83,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     finally:
         bar.close()
+        if stack is not None:
+            stack.close()  # waits for write-behind to land
     result = gen.results[0]
     if args.json:
         print(json.dumps(to_json(result, compressor)))
@@ -103,6 +112,9 @@ def to_json(result, compressor) -> dict:
                    "decode_tokens_per_s": round(t.decode_tokens_per_s, 2)},
         "compressor": compressor.describe(),
         "finish_reason": result.finish_reason,
+        **({"store": {"hit_tokens": result.store.hit_tokens, "miss_tokens": result.store.miss_tokens,
+                      "load_s": round(result.store.load_s, 4), "saved_s": round(result.store.saved_s, 4)}}
+           if result.store is not None else {}),
     }
 
 
@@ -117,4 +129,5 @@ def summary(result, compressor) -> str:
         f"({saved:.0f}% saved); {c.tokens_full} tokens -> {c.tokens_kept} kept per layer and KV head",
         f"   speed: prefill {t.prefill_s:.2f} s ({prefill_rate:.0f} tok/s), first token {t.ttft_s:.2f} s, "
         f"decode {t.decode_tokens_per_s:.1f} tok/s",
-    ])
+    ] + ([f"   store: {result.store.hit_tokens} prompt tokens reused ({result.store.load_s:.2f} s to load), "
+          f"{result.store.miss_tokens} computed"] if result.store is not None else []))

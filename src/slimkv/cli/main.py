@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..errors import SlimKVError
-from . import demo, generate, methods
+from . import demo, generate, methods, store
 from .common import setup_logging
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     methods.add_parser(sub)
     demo.add_parser(sub)
+    store.add_parser(sub)
     return parser
 
 

@@ -25,6 +25,7 @@ from ..errors import ConfigError, InputError
 from ..models.adapter import ModelAdapter
 from .forward import ForwardContext
 from .prompts import Request, Segments, end_token_ids, tokenize
+from .reuse import PrefixStore, ReuseStats
 from .sampling import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class GenerationResult:
     prompt_tokens: tokens of the prompt (context + question)
     finish_reason: "eos", "stop" (a stop string) or "length"
     cache_after_prefill / cache: KV size after prompt compression and at the end
+    store: what the KV store reused for this request (None without a store)
     """
 
     text: str
@@ -82,6 +84,7 @@ class GenerationResult:
     cache_after_prefill: CacheStats
     cache: CacheStats
     timing: Timing
+    store: ReuseStats | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class _Row:
 
     segments: Segments
     prepared: tuple[SlimCache, torch.Tensor] | None = None
+    store: ReuseStats | None = None
     ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters already streamed
@@ -110,16 +114,29 @@ class Engine:
     model, tokenizer: a Hugging Face causal LM and its tokenizer (``slimkv.load_model``)
     compressor: the method applied to every request (None = full cache)
     prefill_chunk: prompt tokens per forward pass while prefilling
+    store: reuse stored KV of prompt prefixes and compressed contexts (``engine/reuse.py``)
     """
 
-    def __init__(self, model, tokenizer, compressor: Compressor | None = None, prefill_chunk: int = 1024) -> None:
+    def __init__(self, model, tokenizer, compressor: Compressor | None = None, prefill_chunk: int = 1024,
+                 store: PrefixStore | None = None) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.store = store
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
         self.compressor = compressor
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
+
+    def use_store(self, stack, tenant: str = "default", chunk_size: int = 256,
+                  shared_namespace: str | None = None) -> PrefixStore:
+        """Reuse KV through a :class:`~slimkv.store.TierStack` (keys scoped to ``tenant``)."""
+        from ..store import KeySpec
+
+        spec = KeySpec(tenant=tenant, model=self.adapter.fingerprint(), dtype=str(self.adapter.spec.dtype),
+                       chunk_size=chunk_size, shared_namespace=shared_namespace)
+        self.store = PrefixStore(stack, spec)
+        return self.store
 
     def with_compressor(self, compressor: Compressor | None) -> Engine:
         """The same model and settings with another compressor (cheap: nothing is reloaded)."""
@@ -131,10 +148,10 @@ class Engine:
     def new_cache(self, batch: int = 1) -> SlimCache:
         return SlimCache(self.adapter.spec, batch)
 
-    def prefill(self, cache: SlimCache, ids: list[int], compress: bool,
-                progress: ProgressFn | None = None, done: int = 0, total: int | None = None,
+    def prefill(self, cache: SlimCache, ids: list[int], progress: ProgressFn | None = None,
+                done: int = 0, total: int | None = None,
                 observers: tuple[Compressor, ...] | None = None) -> torch.Tensor:
-        """Feed ``ids`` to a one-sequence cache in chunks; compress at the end if asked.
+        """Feed ``ids`` to a one-sequence cache in chunks (no compression: see :meth:`compress`).
 
         observers: methods recording what they need while prefilling (default: the engine's
                    compressor); pass several to let one prefill serve several methods.
@@ -156,29 +173,58 @@ class Engine:
             cache.seen[0] += len(chunk)
             if progress is not None:
                 progress(done + start + len(chunk), total)
-        if compress:
-            ForwardContext(cache, torch.empty(1, 0), self.compressor, phase="prefill").compress()
         assert logits is not None
         return logits[:, -1]
 
-    def _decode_compress(self, cache: SlimCache) -> None:
-        ForwardContext(cache, torch.empty(1, 0), self.compressor, phase="decode").compress()
-
     def prepare(self, segments: Segments, progress: ProgressFn | None = None) -> tuple[SlimCache, torch.Tensor]:
-        """Prefill and compress one request's prompt; returns its cache and last-token logits."""
+        """Prefill and compress one request's prompt; returns its cache and last-token logits.
+
+        With a store (``self.store``), stored KV replaces recomputation where it can (see
+        ``engine/reuse.py``); ``self.store.stats`` then tells what was reused.
+        """
         self.check_length(segments)
-        cache = self.new_cache()
         comp = self.compressor
-        in_prefill = comp is not None and comp.active("prefill")
-        in_decode = comp is not None and comp.active("decode")
-        logits = self.prefill(cache, segments.context, compress=in_prefill or in_decode,
-                              progress=progress, total=segments.total)
+        compress = comp is not None and (comp.active("prefill") or comp.active("decode"))
+        store = self.store
+        if store is not None:
+            store.begin()
+        cache = None
+        if store is not None and compress and segments.question:
+            assert comp is not None
+            cache = store.load_compressed(self.adapter.spec, segments.context, comp)
+        logits = None
+        if cache is None:
+            cache = self.new_cache()
+            whole = bool(segments.question)
+            start = store.load_prefix(cache, segments.context, whole) if store is not None else 0
+            t0 = time.perf_counter()
+            if start < len(segments.context):
+                logits = self.prefill(cache, segments.context[start:], progress=progress, done=start,
+                                      total=segments.total)
+            if store is not None:
+                miss = len(segments.context) - start
+                store.stats.miss_tokens += miss
+                if miss:
+                    store.stats.saved_s = (time.perf_counter() - t0) / miss * store.stats.hit_tokens
+                store.save_prefix(cache, segments.context, start, whole)
+            if compress:
+                self.compress(cache, "prefill")
+                if store is not None and segments.question:
+                    assert comp is not None
+                    store.save_compressed(cache, segments.context, comp)
         if segments.question:
-            logits = self.prefill(cache, segments.question, compress=False, progress=progress,
+            logits = self.prefill(cache, segments.question, progress=progress,
                                   done=len(segments.context), total=segments.total)
-            if in_decode:
-                self._decode_compress(cache)
+            if store is not None:
+                store.stats.miss_tokens += len(segments.question)
+            if comp is not None and comp.active("decode"):
+                self.compress(cache, "decode")
+        assert logits is not None
         return cache, logits
+
+    def compress(self, cache: SlimCache, phase: str) -> None:
+        """Shrink every layer of ``cache`` to the compressor's target for the tokens seen so far."""
+        ForwardContext(cache, torch.empty(1, 0), self.compressor, phase=phase).compress()
 
     def check_length(self, segments: Segments) -> None:
         limit = self.adapter.max_positions
@@ -253,7 +299,10 @@ class Generation:
             t0 = time.perf_counter()
             caches, logits = [], []
             for row in self.rows:
-                cache, last = row.prepared or engine.prepare(row.segments, self.progress)
+                if row.prepared is None:
+                    row.prepared = engine.prepare(row.segments, self.progress)
+                    row.store = engine.store.stats if engine.store is not None else None
+                cache, last = row.prepared
                 caches.append(cache)
                 logits.append(last)
             cache = caches[0] if len(caches) == 1 else SlimCache.stack(caches)
@@ -297,6 +346,7 @@ class Generation:
                 finish_reason=row.finish or "length", cache_after_prefill=after_prefill[i], cache=stats,
                 timing=Timing(prefill_s=prefill_s, ttft_s=ttft if ttft is not None else prefill_s,
                               decode_tokens_per_s=tps),
+                store=row.store,
             ))
 
     def _accept(self, index: int, row: _Row, token: int) -> Iterator[TextDelta]:

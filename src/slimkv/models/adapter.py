@@ -16,6 +16,7 @@ function signature, the config fields read for the cache shape, and the capabili
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -105,6 +106,26 @@ class ModelAdapter:
         self.q_heads = heads
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Identity of the model's weights and config, for store keys (stable across processes).
+
+        sha256 over the config, every parameter's name, shape and dtype, and 1,024 evenly spaced
+        values of each parameter: different weights or configs give different fingerprints without
+        hashing every byte of a large model.
+        """
+        if getattr(self, "_fingerprint", None):
+            return self._fingerprint
+        h = hashlib.sha256(text_config(self.model).to_json_string(use_diff=False).encode())
+        with torch.no_grad():
+            for name, p in sorted(self.model.named_parameters()):
+                flat = p.detach().reshape(-1)
+                k = min(1024, flat.numel())
+                idx = torch.arange(k, dtype=torch.long) * (flat.numel() - 1) // max(k - 1, 1)
+                h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                h.update(flat[idx].float().cpu().numpy().tobytes())
+        self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
