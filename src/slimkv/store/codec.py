@@ -69,9 +69,9 @@ def encode_tensors(kind: str, tensors: list[tuple[str, Tensor]], meta: dict[str,
     return frame.pack({"kind": kind, "tensors": entries, "meta": meta}, parts)
 
 
-def decode_tensors(blob: bytes, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def decode_tensors(blob: bytes, kind: str, check: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors by name and the meta dict of a blob of the given ``kind`` (checksum verified)."""
-    header, body = frame.unpack(blob)
+    header, body = frame.unpack(blob, check=check)
     if header.get("kind") != kind:
         raise CorruptChunk(f"stored entry is of kind {header.get('kind')!r}, expected {kind!r}")
     entries, meta = header.get("tensors"), header.get("meta")
@@ -132,8 +132,9 @@ def encode_chunk(chunk: ChunkKV) -> bytes:
     return encode_tensors("chunk", tensors, {"layers": len(chunk.keys)})
 
 
-def decode_chunk(blob: bytes) -> ChunkKV:
-    tensors, meta = decode_tensors(blob, "chunk")
+def decode_chunk(blob: bytes, check: bool = True) -> ChunkKV:
+    """check=False skips the checksum when the caller (a tier) has just verified the blob."""
+    tensors, meta = decode_tensors(blob, "chunk", check)
     try:
         n = int(meta["layers"])
         return ChunkKV(
@@ -189,8 +190,9 @@ def encode_cache(payload: CachePayload) -> bytes:
     return encode_tensors("cache", tensors, {"layers": len(payload.layers), "seen": list(payload.seen)})
 
 
-def decode_cache(blob: bytes) -> CachePayload:
-    tensors, meta = decode_tensors(blob, "cache")
+def decode_cache(blob: bytes, check: bool = True) -> CachePayload:
+    """check=False skips the checksum when the caller (a tier) has just verified the blob."""
+    tensors, meta = decode_tensors(blob, "cache", check)
     try:
         layers = []
         for i in range(int(meta["layers"])):

@@ -134,14 +134,18 @@ class TierStack:
         return stored
 
     def get(self, key: ChunkKey) -> bytes | None:
+        return self._get(key)[0]
+
+    def _get(self, key: ChunkKey) -> tuple[bytes | None, bool]:
+        """The blob and whether the tier that served it verified its checksum on the way in."""
         for i, tier in enumerate(self.tiers):
             blob = tier.get(key)
             if blob is not None:
                 if i > 0:
                     self.tiers[0].put(key, blob)
                     self._enqueue(key, blob, self.tiers[1:i])
-                return blob
-        return None
+                return blob, tier.verifies_reads
+        return None, False
 
     def contains(self, key: ChunkKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
@@ -173,12 +177,12 @@ class TierStack:
         return sum(tier.clear(namespace) for tier in self.tiers)
 
     # ------------------------------------------------------------------ decoded payloads
-    def _decoded(self, key: ChunkKey, decode: Callable[[bytes], T]) -> T | None:
-        blob = self.get(key)
+    def _decoded(self, key: ChunkKey, decode: Callable[[bytes, bool], T]) -> T | None:
+        blob, verified = self._get(key)
         if blob is None:
             return None
         try:
-            return decode(blob)
+            return decode(blob, not verified)  # hash once: skip it if the tier just did
         except CorruptChunk as exc:
             log.warning("store: entry %s is corrupt (%s); deleted from every tier, treated as a miss",
                         key.id, exc)

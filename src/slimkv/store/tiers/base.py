@@ -91,6 +91,9 @@ class Tier(ABC):
     """
 
     name: str = "tier"
+    #: True when ``get`` verifies a blob's checksum before returning it (tiers holding bytes that
+    #: left the process); the stack then decodes without hashing the blob a second time.
+    verifies_reads: bool = False
 
     def __init__(self, capacity_bytes: int) -> None:
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:

@@ -56,6 +56,7 @@ class DiskTier(Tier):
     """Files under ``root``; ``fsync=True`` also survives power loss, at the cost of write speed."""
 
     name = "disk"
+    verifies_reads = True
 
     def __init__(self, root: str | os.PathLike, capacity_bytes: int = 10 << 30, fsync: bool = False,
                  evict_to: float = 0.9) -> None:

@@ -79,6 +79,7 @@ class RedisTier(Tier):
     """
 
     name = "redis"
+    verifies_reads = True
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", capacity_bytes: int = 1 << 30,
                  prefix: str = "slimkv", timeout: float = 0.25, retry_after: float = 5.0,
