@@ -11,7 +11,7 @@ from slimkv import compressors
 from slimkv.engine import Engine, GenerationConfig, Segments
 from slimkv.engine.forward import ForwardContext
 
-from .conftest import ToyTokenizer, prompt_ids, tiny_model
+from .conftest import ToyTokenizer, prompt_ids
 
 ALL = compressors.names()
 LOSSY = [n for n in ALL if n != "none"]

@@ -43,7 +43,7 @@ def attend_rows(
     Returns (output [B, Hq, T, D], key mass [B, H, L] float32 or None).
     """
     batch, q_heads, tokens, dim = query.shape
-    heads, length = keys.shape[1], keys.shape[2]
+    heads = keys.shape[1]
     groups = q_heads // heads
     q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
     mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window, mask_cache)
