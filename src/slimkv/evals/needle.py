@@ -1,17 +1,16 @@
-"""Needle-in-a-haystack prompts (RULER niah_single style) on a repeated noise haystack.
+"""A single needle prompt (RULER niah_single style) on the repeated noise haystack.
 
-The prompt shape follows ../shared/EVAL.md: raw text, the needle at a chosen depth, and a question
-whose answer prefix makes the model complete the number.
+A thin shim over :mod:`slimkv.evals.tasks` (the ``needle`` task) kept for the demo and the benchmarks;
+use :func:`slimkv.evals.tasks.make_samples` for anything new. The prompt shape follows EVAL.md: raw
+text, the needle at a chosen depth, and a question whose answer prefix makes the model complete it.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-NEEDLE = " The special magic number is {value}. "
-QUESTION = "\n\nQuestion: What is the special magic number? Answer: The special magic number is"
+from .haystacks import NOISE  # noqa: F401  (re-exported: the haystack this module always used)
+from .tasks import make_sample
 
 
 @dataclass(frozen=True)
@@ -25,16 +24,8 @@ class NeedleSample:
 
 
 def needle_sample(tokenizer, tokens: int, depth: float, seed: int = 0) -> NeedleSample:
-    """A needle prompt of about ``tokens`` tokens with the needle at ``depth`` (0 = start, 1 = end)."""
-    rng = random.Random(seed)
-    value = str(rng.randint(10000, 99999))
-    needle = NEEDLE.format(value=value)
-    per_repeat = len(tokenizer.encode(NOISE, add_special_tokens=False))
-    overhead = len(tokenizer.encode(needle + QUESTION, add_special_tokens=False))
-    repeats = max(1, round((tokens - overhead) / per_repeat))
-    sentences = (NOISE * repeats).split(". ")
-    cut = round(len(sentences) * depth)
-    head, tail = ". ".join(sentences[:cut]), ". ".join(sentences[cut:])
-    head = head + "." if head and not head.endswith(".") else head
-    context = (head + needle + tail).strip()
-    return NeedleSample(context=context, question=QUESTION, answer=value, depth=depth)
+    """A needle prompt of at most ``tokens`` tokens (within ~0.5%) with the needle at ``depth``
+    (0 = start, 1 = end), e.g. ``"... The special magic number is 73691. ...\\n\\nQuestion: What is the
+    special magic number? Answer: The special magic number is"`` answered by ``"73691"``."""
+    s = make_sample("needle", tokenizer, tokens, depth=depth, seed=seed)
+    return NeedleSample(context=s.context, question=s.question, answer=s.answers[0], depth=depth)

@@ -1,0 +1,187 @@
+"""``slimkv eval TASK`` and ``slimkv eval suite``: accuracy against the full cache on the same samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import ConfigError, InputError
+from .common import add_model_options
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    p.add_argument("--lengths", type=_ints, default=[1000, 2000, 4000], help="prompt lengths in tokens (default 1000,2000,4000)")
+    p.add_argument("--samples", type=int, default=5, help="samples per length (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    p.add_argument("--haystack", default="noise", help="noise, bible, essays, shakespeare, or a text file")
+    p.add_argument("--needle", default=None, help="needle template holding {value} (and {key} for key tasks)")
+    p.add_argument("--question", default=None, help="question template")
+    p.add_argument("--answer-prefix", default=None, help="text the answer starts with")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length (default 16)")
+
+
+def add_parser(sub) -> None:
+    from ..evals.tasks import TASKS
+
+    p = sub.add_parser("eval", help="score methods on long-context tasks against the full cache",
+                       description="Score a compression method on a generated task, next to the full "
+                                   "cache on the same samples. `slimkv eval suite` runs many at once.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+    for name in sorted(TASKS):
+        t = tasks.add_parser(name, help=TASKS[name].description, description=TASKS[name].description)
+        _common(t)
+        t.add_argument("--compressor", default="snapkv", metavar="NAME", help="method (default snapkv)")
+        amount = t.add_mutually_exclusive_group()
+        amount.add_argument("--ratio", type=float, default=None, help="fraction of KV removed (default 0.5)")
+        amount.add_argument("--budget", type=int, default=None, help="entries kept per layer and KV head")
+        t.add_argument("--question-aware", action="store_true", help="compress with the question in the prompt")
+        t.add_argument("--out", default=None, help="append per-sample JSON lines here (resumable)")
+        t.add_argument("--json", action="store_true", help="print one JSON object")
+        t.set_defaults(func=run_task)
+    s = tasks.add_parser("suite", help="many methods, ratios and tasks -> results.jsonl, leaderboard.md, plots")
+    _common(s)
+    s.add_argument("--compressors", default="streaming_llm,knorm,snapkv,h2o,random",
+                   help="comma-separated methods (the full cache always runs)")
+    s.add_argument("--ratios", type=_floats, default=[0.5, 0.75, 0.875], help="default 0.5,0.75,0.875")
+    s.add_argument("--tasks", default="needle", help="comma-separated tasks (default needle)")
+    s.add_argument("--settings", default="agnostic", help="agnostic, aware or agnostic,aware")
+    s.add_argument("--out", required=True, help="output folder")
+    s.set_defaults(func=run_suite)
+
+
+def _samples(args, task: str, tokenizer, limit: int):
+    """Every sample of the run, generated (and validated) before any model work or output."""
+    from ..evals.runner import EvalSample
+    from ..evals.tasks import make_samples
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    too_long = [n for n in args.lengths if n + args.max_new_tokens > limit]
+    if too_long:
+        raise InputError(f"length {too_long[0]} plus {args.max_new_tokens} answer tokens exceeds the model's "
+                         f"context of {limit} tokens; use --lengths up to {limit - args.max_new_tokens}")
+    from ..evals.tasks import TASKS
+
+    needle = args.needle if TASKS[task].defaults.needle is not None else None  # vt/cwe/fwe have none
+    out = []
+    for length in args.lengths:
+        for i, s in enumerate(make_samples(task, tokenizer, length, args.samples, seed=args.seed,
+                                           haystack=args.haystack, needle=needle,
+                                           question=args.question, answer_prefix=args.answer_prefix)):
+            out.append(EvalSample(task=task, length=length, index=i, context=s.context, question=s.question,
+                                  answers=tuple(s.answers), depth=s.depth))
+    return out
+
+
+def _run_label(args, task: str) -> str:
+    parts = [task, args.haystack, f"seed{args.seed}", args.needle or "", args.question or "", args.answer_prefix or ""]
+    return "|".join(parts)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from ..compressors import make_compressor
+    from ..engine import Engine
+    from ..evals.report import aggregate
+    from ..evals.runner import MethodSpec, Runner
+    from ..evals.tasks import TASKS  # noqa: F401  (validates the task name via argparse choices)
+    from ..models import load_model
+
+    ratio = args.ratio if args.ratio is not None or args.budget is not None else 0.5
+    make_compressor(args.compressor, ratio=ratio, budget=args.budget)  # fail fast on bad settings
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    engine = Engine(model, tokenizer)
+    samples = _samples(args, args.task, tokenizer, engine.adapter.max_positions)
+    runner = Runner(engine, args.max_new_tokens, Path(args.out) if args.out else None, _run_label(args, args.task))
+    method = MethodSpec(args.compressor, None if args.budget is not None else ratio, args.budget)
+    bar = _progress(len(samples) * 2, f"eval {args.task}")
+    results = runner.evaluate(samples, [method], args.question_aware, on_result=lambda r: bar.update())
+    bar.close()
+    if args.out:  # include results of earlier (resumed) runs of the same configuration
+        from ..evals.report import load_results
+
+        rows = [r for r in load_results(Path(args.out)) if r["run"] == runner.run
+                and r["question_aware"] == args.question_aware and r["length"] in args.lengths]
+    else:
+        import dataclasses
+
+        rows = [dataclasses.asdict(r) for r in results]
+    cells = [c for c in aggregate(rows) if c.method == method.name and c.ratio == method.ratio
+             and c.budget == method.budget]
+    n = sum(c.samples for c in cells) or 1
+    summary = {
+        "task": args.task, "compressor": args.compressor, "ratio": method.ratio, "budget": method.budget,
+        "question_aware": args.question_aware,
+        "score": round(sum(c.score * c.samples for c in cells) / n, 4),
+        "full_score": round(sum(c.full_score * c.samples for c in cells) / n, 4),
+        "results": [{"length": c.length, "samples": c.samples, "score": round(c.score, 4),
+                     "full_score": round(c.full_score, 4)} for c in cells],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        setting = "question-aware" if args.question_aware else "question-agnostic"
+        print(f"{args.task}, {setting}: {method.label} scores {summary['score']:.3f} "
+              f"(full cache {summary['full_score']:.3f} on the same samples)")
+        for c in cells:
+            print(f"  {c.length:>6} tokens  {c.samples:>3} samples  score {c.score:.3f}  full {c.full_score:.3f}  "
+                  f"KV kept {c.kept_fraction:.0%}")
+    return 0
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    from ..compressors import make_compressor
+    from ..engine import Engine
+    from ..evals.report import write_report
+    from ..evals.runner import MethodSpec, Runner
+    from ..evals.tasks import TASKS
+    from ..models import load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown task {unknown[0]!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    if not settings or any(s not in ("agnostic", "aware") for s in settings):
+        raise ConfigError(f"--settings takes agnostic, aware or both, got {args.settings!r}")
+    methods = [MethodSpec(n.strip(), r) for n in args.compressors.split(",") if n.strip() and n.strip() != "none"
+               for r in args.ratios]
+    for m in methods:
+        make_compressor(m.name, ratio=m.ratio)  # fail fast on unknown names and bad ratios
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    engine = Engine(model, tokenizer)
+    plan = [(t, _samples(args, t, tokenizer, engine.adapter.max_positions)) for t in tasks]
+    out = Path(args.out)
+    results = out / "results.jsonl"
+    total = sum(len(s) for _, s in plan) * len(settings) * (len(methods) + 1)
+    bar = _progress(total, "eval suite")
+    for task, samples in plan:
+        runner = Runner(engine, args.max_new_tokens, results, _run_label(args, task))
+        for setting in settings:
+            runner.evaluate(samples, methods, setting == "aware", on_result=lambda r: bar.update())
+    bar.close()
+    board, pngs = write_report(results, out)
+    print(f"wrote {results}, {board} and {len(pngs)} plots in {out}")
+    return 0

@@ -1,0 +1,197 @@
+"""From ``results.jsonl`` to a Markdown leaderboard and PNG plots.
+
+Every score is reported next to ``full_score``: the full cache's score on exactly the same samples
+(same task, length, sample index and setting).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean score of one configuration at one length, with the full cache's on the same samples."""
+
+    task: str
+    question_aware: bool
+    method: str
+    ratio: float | None
+    budget: int | None
+    length: int
+    samples: int
+    score: float
+    full_score: float
+    kept_fraction: float
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "none (full cache)"
+        return f"{self.method}@{self.ratio}" if self.budget is None else f"{self.method}#{self.budget}"
+
+
+def load_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def aggregate(rows: list[dict]) -> list[Cell]:
+    """Mean score per (task, setting, method, ratio/budget, length), paired with the full cache."""
+    full: dict[tuple, float] = {}
+    for r in rows:
+        if r["method"] == "none":
+            full[(r["run"], r["task"], r["question_aware"], r["length"], r["index"])] = r["score"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["question_aware"], r["method"], r["ratio"], r["budget"], r["length"])].append(r)
+    cells = []
+    for (task, qa, method, ratio, budget, length), rs in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+        paired = [(r["score"], full[k]) for r in rs
+                  if (k := (r["run"], task, qa, length, r["index"])) in full]
+        if not paired:
+            continue
+        cells.append(Cell(
+            task=task, question_aware=qa, method=method, ratio=ratio, budget=budget, length=length,
+            samples=len(paired), score=mean(s for s, _ in paired), full_score=mean(f for _, f in paired),
+            kept_fraction=mean(r["bytes_kept"] / r["bytes_full"] for r in rs if r["bytes_full"]),
+            seconds=mean(r["seconds"] for r in rs),
+        ))
+    return cells
+
+
+def _sort_key(k: tuple) -> tuple:
+    task, qa, method, ratio, budget, length = k
+    return (task, qa, method != "none", method, ratio or 0.0, budget or 0, length)
+
+
+def leaderboard(cells: list[Cell]) -> str:
+    """Markdown: one table per task and setting; rows are methods, columns lengths."""
+    lines = ["# slimkv leaderboard", "",
+             "Score = fraction of expected strings found in the answer (RULER string match), averaged over "
+             "samples; `full` = the full cache on the same samples. KV = bytes held after compression "
+             "as a share of the full cache's bytes (positions and free slots counted).", ""]
+    by_table: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in cells:
+        by_table[(c.task, c.question_aware)].append(c)
+    for (task, qa), cs in sorted(by_table.items()):
+        lengths = sorted({c.length for c in cs})
+        setting = "question-aware" if qa else "question-agnostic"
+        lines += [f"## {task}, {setting}", "",
+                  "| method | " + " | ".join(f"{n} tok" for n in lengths) + " | mean | vs full | KV | s/sample |",
+                  "|---|" + "---:|" * (len(lengths) + 4)]
+        rows: dict[str, dict[int, Cell]] = defaultdict(dict)
+        for c in cs:
+            rows[c.label][c.length] = c
+        for label, per_len in rows.items():
+            present = list(per_len.values())
+            score = mean(c.score for c in present)
+            full = mean(c.full_score for c in present)
+            rel = f"{score / full:.0%}" if full else "-"
+            cols = " | ".join(f"{per_len[n].score:.2f}" if n in per_len else "-" for n in lengths)
+            lines.append(f"| {label} | {cols} | {score:.3f} | {rel} | "
+                         f"{mean(c.kept_fraction for c in present):.2f} | {mean(c.seconds for c in present):.1f} |")
+        samples = sorted({c.samples for c in cs})
+        lines += ["", f"Samples per cell: {', '.join(map(str, samples))}.", ""]
+    return "\n".join(lines)
+
+
+def plots(cells: list[Cell], rows: list[dict], out: Path) -> list[Path]:
+    """Score vs ratio per method, a depth x length heatmap for needle tasks, KV bytes per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    by_table: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in cells:
+        by_table[(c.task, c.question_aware)].append(c)
+    for (task, qa), cs in sorted(by_table.items()):
+        setting = "aware" if qa else "agnostic"
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        methods = sorted({c.method for c in cs if c.method != "none" and c.ratio is not None})
+        for m in methods:
+            pts = defaultdict(list)
+            for c in cs:
+                if c.method == m and c.ratio is not None:
+                    pts[c.ratio].append(c.score)
+            xs = sorted(pts)
+            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m)
+        full = [c.score for c in cs if c.method == "none"]
+        if full:
+            ax.axhline(mean(full), color="black", linestyle="--", label="full cache")
+        ax.set(xlabel="compression ratio (fraction of KV removed)", ylabel="score",
+               title=f"{task}, question-{setting}", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"score_vs_ratio_{task}_{setting}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        if task in ("needle", "passkey"):
+            written.append(_heatmap(plt, [r for r in rows if r["task"] == task and r["question_aware"] == qa],
+                                    out / f"heatmap_{task}_{setting}.png", f"{task}, question-{setting}"))
+    written.append(_bytes_bars(plt, cells, out / "kv_bytes.png"))
+    return written
+
+
+def _heatmap(plt, rows: list[dict], path: Path, title: str) -> Path:
+    """Depth x length score per configuration (the strongest compression of each method)."""
+    labels = sorted({(r["method"], r["ratio"] or 0.0) for r in rows})
+    strongest = {}
+    for m, ratio in labels:
+        strongest[m] = max(strongest.get(m, 0.0), ratio)
+    panels = sorted(strongest.items(), key=lambda kv: (kv[0] != "none", kv[0]))
+    lengths = sorted({r["length"] for r in rows})
+    bins = 5
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, 3), squeeze=False)
+    for ax, (m, ratio) in zip(axes[0], panels):
+        grid = [[[] for _ in lengths] for _ in range(bins)]
+        for r in rows:
+            if r["method"] == m and (r["ratio"] or 0.0) == ratio and r["depth"] is not None:
+                b = min(int(r["depth"] * bins), bins - 1)
+                grid[b][lengths.index(r["length"])].append(r["score"])
+        data = [[mean(v) if v else float("nan") for v in row] for row in grid]
+        ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(bins), [f"{(i + 0.5) / bins:.0%}" for i in range(bins)], fontsize=7)
+        ax.set_title(m if m == "none" else f"{m}@{ratio}", fontsize=8)
+    axes[0][0].set_ylabel("needle depth")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bytes_bars(plt, cells: list[Cell], path: Path) -> Path:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for c in cells:
+        groups[c.label].append(c.kept_fraction)
+    labels = sorted(groups, key=lambda k: (-mean(groups[k]), k))
+    fig, ax = plt.subplots(figsize=(6.4, 0.25 * len(labels) + 1.2))
+    ax.barh(labels, [mean(groups[k]) for k in labels], color="tab:blue")
+    ax.set(xlabel="KV bytes held / full-cache bytes", xlim=(0, 1.1), title="KV bytes per configuration")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Path, out: Path) -> tuple[Path, list[Path]]:
+    """Leaderboard and plots for a results file; returns their paths."""
+    rows = load_results(results)
+    cells = aggregate(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    board = out / "leaderboard.md"
+    board.write_text(leaderboard(cells))
+    return board, plots(cells, rows, out)
