@@ -45,6 +45,12 @@ def attend_rows(
     batch, q_heads, tokens, dim = query.shape
     heads = keys.shape[1]
     groups = q_heads // heads
+    if (tokens > 1 and new_tokens == keys.shape[2] and valid is None and softcap is None
+            and not want_key_mass and not (sliding_window and _window_bites(positions, query_positions, sliding_window))):
+        # nothing cached yet (a prompt's first chunk): plain causal attention, the fastest kernel
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
+                                             enable_gqa=groups > 1)
+        return out, None
     q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
     mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window, mask_cache)
     if softcap is None and not want_key_mass:

@@ -55,6 +55,30 @@ def add_parser(sub) -> None:
         t.add_argument("--out", default=None, help="append per-sample JSON lines here (resumable)")
         t.add_argument("--json", action="store_true", help="print one JSON object")
         t.set_defaults(func=run_task)
+    f = tasks.add_parser("fidelity", help="agreement with the full cache along its own continuation",
+                         description="Top-1 agreement, mean KL divergence and first differing token of "
+                                     "each method against the full cache, teacher-forced on the full "
+                                     "cache's greedy continuation of real text.")
+    add_model_options(f)
+    f.add_argument("--compressors", default="streaming_llm,knorm,snapkv,h2o", help="comma-separated methods")
+    f.add_argument("--ratio", type=float, default=0.5, help="fraction of KV removed (default 0.5)")
+    f.add_argument("--tokens", type=int, default=1000, help="prompt tokens (default 1000)")
+    f.add_argument("--steps", type=int, default=32, help="continuation tokens compared (default 32)")
+    f.add_argument("--haystack", default="bible", help="text the prompt is taken from (default bible)")
+    f.add_argument("--json", action="store_true", help="print JSON")
+    f.set_defaults(func=run_fidelity)
+    q = tasks.add_parser("perplexity", help="streaming perplexity with decode-phase compression",
+                         description="Perplexity of real text fed token by token while the method keeps "
+                                     "the cache within --budget entries per layer and KV head.")
+    add_model_options(q)
+    q.add_argument("--compressors", default="none,streaming_llm,h2o,knorm",
+                   help="comma-separated decode-capable methods")
+    q.add_argument("--budget", type=int, default=256, help="entries kept per layer and KV head (default 256)")
+    q.add_argument("--tokens", type=int, default=1024, help="text tokens scored (default 1024)")
+    q.add_argument("--haystack", default="bible", help="text to score (default bible)")
+    q.add_argument("--offset", type=int, default=200_000, help="character offset into the text (held out)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=run_perplexity)
     s = tasks.add_parser("suite", help="many methods, ratios and tasks -> results.jsonl, leaderboard.md, plots")
     _common(s)
     s.add_argument("--compressors", default="streaming_llm,knorm,snapkv,h2o,random",
@@ -184,4 +208,55 @@ def run_suite(args: argparse.Namespace) -> int:
     bar.close()
     board, pngs = write_report(results, out)
     print(f"wrote {results}, {board} and {len(pngs)} plots in {out}")
+    return 0
+
+
+def _text_tokens(tokenizer, haystack: str, n: int, offset: int = 0) -> list[int]:
+    from ..evals.haystacks import load_haystack
+
+    text = load_haystack(haystack)[offset:]
+    ids = tokenizer.encode(text[: n * 8])
+    if len(ids) < n:
+        raise InputError(f"haystack {haystack!r} holds fewer than {n} tokens past offset {offset}")
+    return ids[:n]
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    from ..compressors import make_compressor
+    from ..engine import Engine
+    from ..evals.fidelity import fidelity
+    from ..models import load_model
+
+    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
+    methods = {n: make_compressor(n, ratio=args.ratio) for n in names}
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    engine = Engine(model, tokenizer)
+    rows = fidelity(engine, _text_tokens(tokenizer, args.haystack, args.tokens), methods, args.steps)
+    if args.json:
+        print(json.dumps([{**r.__dict__, "ratio": args.ratio} for r in rows]))
+    else:
+        for r in rows:
+            print(f"{r.method:<14} ratio {args.ratio}: top-1 agreement {r.top1_agreement:.2f}, "
+                  f"mean KL {r.mean_kl:.4f}, first difference at step {r.first_difference}")
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from ..compressors import make_compressor
+    from ..engine import Engine
+    from ..evals.fidelity import perplexity
+    from ..models import load_model
+
+    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
+    comps = {n: None if n == "none" else make_compressor(n, budget=args.budget, phase="decode") for n in names}
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    engine = Engine(model, tokenizer)
+    tokens = _text_tokens(tokenizer, args.haystack, args.tokens + 1, args.offset)
+    rows = [perplexity(engine, tokens, comp, name) for name, comp in comps.items()]
+    if args.json:
+        print(json.dumps([{**r.__dict__, "budget": args.budget} for r in rows]))
+    else:
+        for r in rows:
+            print(f"{r.method:<14} perplexity {r.perplexity:8.3f} over {r.tokens} tokens "
+                  f"(at most {r.max_entries} entries per layer and KV head)")
     return 0

@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--prefill-chunk", type=int, default=1024, metavar="N", help="prompt tokens per forward pass")
+    p.add_argument("--prefill-chunk", type=int, default=4096, metavar="N",
+                   help="prompt tokens per forward pass (default 4096)")
     p.add_argument("--store", default=None, metavar="SPEC",
                    help="reuse prompt KV through a store: memory, disk:PATH, redis://HOST:PORT, or a "
                         "comma-separated stack of them (e.g. memory,disk:PATH)")

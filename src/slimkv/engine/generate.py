@@ -39,7 +39,7 @@ class Engine:
     store: reuse stored KV of prompt prefixes and compressed contexts (``engine/reuse.py``)
     """
 
-    def __init__(self, model, tokenizer, compressor: Compressor | None = None, prefill_chunk: int = 1024,
+    def __init__(self, model, tokenizer, compressor: Compressor | None = None, prefill_chunk: int = 4096,
                  store: PrefixStore | None = None) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")

@@ -1,0 +1,96 @@
+"""Fidelity to the full cache and streaming perplexity: how much a method changes the model itself.
+
+- :func:`fidelity`: the full cache greedily continues a prompt; each method, starting from the same
+  prefill, is teacher-forced along that continuation. Reported per method: top-1 agreement (share of
+  steps whose argmax equals the full cache's token), mean KL(full || method) over the steps, and the
+  first step whose argmax differs (``None`` if none does).
+- :func:`perplexity`: real text is fed one token at a time with the method compressing in the decode
+  phase (the cache never exceeds its budget); the perplexity of the text under that model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import SlimCache
+from ..compressors import Compressor
+from ..engine import Engine
+from ..engine.forward import ForwardContext
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Agreement of one method with the full cache along the full cache's own continuation."""
+
+    method: str
+    steps: int
+    top1_agreement: float
+    mean_kl: float
+    first_difference: int | None
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Perplexity of ``tokens`` text tokens with a method keeping the cache within its budget."""
+
+    method: str
+    tokens: int
+    perplexity: float
+    max_entries: int
+
+
+def _step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
+    """One decode step of a one-sequence cache; returns log-probabilities [vocab]."""
+    pos = torch.tensor([[cache.seen[0]]], device=engine.adapter.device)
+    ctx = ForwardContext(cache, pos, comp, phase="decode")
+    logits = engine.adapter.forward(torch.tensor([[token]], device=engine.adapter.device), pos, ctx)
+    cache.seen[0] += 1
+    return logits[0, -1].float().log_softmax(-1)
+
+
+def fidelity(engine: Engine, prompt: list[int], methods: dict[str, Compressor], steps: int = 32) -> list[Fidelity]:
+    """Teacher-forced agreement of every method with the full cache (one shared prefill)."""
+    observers = tuple(c for c in methods.values() if c.active("prefill"))
+    with engine.adapter.attached():
+        base = engine.new_cache()
+        last = engine.prefill(base, prompt, observers=observers)[0].float().log_softmax(-1)
+        full = base.clone()
+        ref_logp, tokens = [last], []
+        for _ in range(steps):
+            tokens.append(int(ref_logp[-1].argmax()))
+            ref_logp.append(_step(engine, full, tokens[-1], None))
+        out = []
+        for name, comp in methods.items():
+            cache = base.clone()
+            engine.with_compressor(comp).compress(cache, "prefill")
+            logp = [last]
+            for t in tokens[:-1]:
+                logp.append(_step(engine, cache, t, comp))
+            agree, kls, first = 0, [], None
+            for i, (ref, got) in enumerate(zip(ref_logp[:steps], logp)):
+                same = int(got.argmax()) == tokens[i]
+                agree += same
+                if not same and first is None:
+                    first = i
+                kls.append(float((ref.exp() * (ref - got)).sum()))
+            out.append(Fidelity(name, steps, agree / steps, sum(kls) / steps, first))
+    return out
+
+
+def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name: str, prefix: int = 1) -> Perplexity:
+    """Perplexity of ``tokens[prefix:]`` fed one token at a time, compressing in the decode phase."""
+    if len(tokens) <= prefix:
+        raise ValueError("perplexity needs more tokens than the prefix")
+    nll, peak = 0.0, 0
+    with engine.adapter.attached():
+        cache = engine.new_cache()
+        logp = engine.prefill(cache, tokens[:prefix])[0].float().log_softmax(-1)
+        for t in tokens[prefix:]:
+            nll -= float(logp[t])
+            logp = _step(engine, cache, t, comp)
+            peak = max(peak, max(layer.max_length for layer in cache.layers))
+    count = len(tokens) - prefix
+    return Perplexity(name, count, math.exp(nll / count), peak)
