@@ -18,6 +18,11 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    """Comma-separated names, blanks dropped."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -183,15 +188,14 @@ def run_suite(args: argparse.Namespace) -> int:
     from ..evals.tasks import TASKS
     from ..models import load_model
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = _names(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"unknown task {unknown[0]!r}; valid tasks: {', '.join(sorted(TASKS))}")
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    settings = _names(args.settings)
     if not settings or any(s not in ("agnostic", "aware") for s in settings):
         raise ConfigError(f"--settings takes agnostic, aware or both, got {args.settings!r}")
-    methods = [MethodSpec(n.strip(), r) for n in args.compressors.split(",") if n.strip() and n.strip() != "none"
-               for r in args.ratios]
+    methods = [MethodSpec(n, r) for n in _names(args.compressors) if n != "none" for r in args.ratios]
     for m in methods:
         make_compressor(m.name, ratio=m.ratio)  # fail fast on unknown names and bad ratios
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -227,7 +231,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     from ..evals.fidelity import fidelity
     from ..models import load_model
 
-    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
+    names = _names(args.compressors)
     methods = {n: make_compressor(n, ratio=args.ratio) for n in names}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     engine = Engine(model, tokenizer)
@@ -247,7 +251,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from ..evals.fidelity import perplexity
     from ..models import load_model
 
-    names = [n.strip() for n in args.compressors.split(",") if n.strip()]
+    names = _names(args.compressors)
     comps = {n: None if n == "none" else make_compressor(n, budget=args.budget, phase="decode") for n in names}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     engine = Engine(model, tokenizer)
