@@ -210,7 +210,7 @@ def run_suite(args: argparse.Namespace) -> int:
         for setting in settings:
             runner.evaluate(samples, methods, setting == "aware", on_result=lambda r: bar.update())
     bar.close()
-    board, pngs = write_report(results, out)
+    board, pngs = write_report(results, out, command="slimkv " + " ".join(sys.argv[1:]))
     print(f"wrote {results}, {board} and {len(pngs)} plots in {out}")
     return 0
 

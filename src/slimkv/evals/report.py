@@ -130,7 +130,7 @@ def plots(cells: list[Cell], rows: list[dict], out: Path) -> list[Path]:
             ax.axhline(mean(full), color="black", linestyle="--", label="full cache")
         ax.set(xlabel="compression ratio (fraction of KV removed)", ylabel="score",
                title=f"{task}, question-{setting}", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
         fig.tight_layout()
         path = out / f"score_vs_ratio_{task}_{setting}.png"
         fig.savefig(path, dpi=110)
@@ -165,6 +165,8 @@ def _heatmap(plt, rows: list[dict], path: Path, title: str) -> Path:
         ax.set_yticks(range(bins), [f"{(i + 0.5) / bins:.0%}" for i in range(bins)], fontsize=7)
         ax.set_title(m if m == "none" else f"{m}@{ratio}", fontsize=8)
     axes[0][0].set_ylabel("needle depth")
+    for ax in axes[0]:
+        ax.set_xlabel("context tokens", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,11 +189,11 @@ def _bytes_bars(plt, cells: list[Cell], path: Path) -> Path:
     return path
 
 
-def write_report(results: Path, out: Path) -> tuple[Path, list[Path]]:
-    """Leaderboard and plots for a results file; returns their paths."""
+def write_report(results: Path, out: Path, command: str | None = None) -> tuple[Path, list[Path]]:
+    """Leaderboard and plots for a results file (``command``: recorded under the tables)."""
     rows = load_results(results)
     cells = aggregate(rows)
     out.mkdir(parents=True, exist_ok=True)
     board = out / "leaderboard.md"
-    board.write_text(leaderboard(cells))
+    board.write_text(leaderboard(cells) + (f"\nCommand: `{command}`\n" if command else ""))
     return board, plots(cells, rows, out)
