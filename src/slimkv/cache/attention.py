@@ -45,14 +45,16 @@ def attend_rows(
     batch, q_heads, tokens, dim = query.shape
     heads = keys.shape[1]
     groups = q_heads // heads
-    if (tokens > 1 and new_tokens == keys.shape[2] and valid is None and softcap is None
-            and not want_key_mass and not (sliding_window and _window_bites(positions, query_positions, sliding_window))):
+    window = sliding_window is not None and _window_bites(positions, query_positions, sliding_window)
+    if tokens > 1 and new_tokens == keys.shape[2] and valid is None and softcap is None \
+            and not want_key_mass and not window:
         # nothing cached yet (a prompt's first chunk): plain causal attention, the fastest kernel
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                              enable_gqa=groups > 1)
         return out, None
     q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
-    mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window, mask_cache)
+    mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window if window else None,
+                 mask_cache)
     if softcap is None and not want_key_mass:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         mass = None
@@ -70,10 +72,13 @@ def _mask(
     sliding_window: int | None,
     mask_cache: dict | None,
 ) -> Tensor | None:
-    """Bool mask broadcastable to ``[B, H, G*T, L]`` (True = attend), or None when nothing is masked."""
+    """Bool mask broadcastable to ``[B, H, G*T, L]`` (True = attend), or None when nothing is masked.
+
+    sliding_window: given only when it excludes some entry (the caller checked it once).
+    """
     batch, heads, length = positions.shape
     tokens = query_positions.shape[1]
-    window = sliding_window is not None and _window_bites(positions, query_positions, sliding_window)
+    window = sliding_window is not None
     if valid is None and not window:
         if tokens == 1:
             return None

@@ -71,11 +71,6 @@ class SlimCache:
     def batch(self) -> int:
         return len(self.seen)
 
-    def reserve(self, extra_tokens: int) -> None:
-        """Make room for ``extra_tokens`` more entries per row in every initialised layer."""
-        for layer in self.layers:
-            layer.reserve(layer.max_length + extra_tokens)
-
     def stats(self) -> CacheStats:
         tokens_full = sum(self.seen)
         rows = self.spec.layers * self.spec.kv_heads

@@ -18,6 +18,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _engine(args: argparse.Namespace):
+    """The model under test (full cache engine) and its tokenizer."""
+    from ..engine import Engine
+    from ..models import load_model
+
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    return Engine(model, tokenizer), tokenizer
+
+
 def _names(text: str) -> list[str]:
     """Comma-separated names, blanks dropped."""
     return [n.strip() for n in text.split(",") if n.strip()]
@@ -132,16 +142,13 @@ def _progress(total: int, desc: str):
 
 def run_task(args: argparse.Namespace) -> int:
     from ..compressors import make_compressor
-    from ..engine import Engine
     from ..evals.report import aggregate
     from ..evals.runner import MethodSpec, Runner
     from ..evals.tasks import TASKS  # noqa: F401  (validates the task name via argparse choices)
-    from ..models import load_model
 
     ratio = args.ratio if args.ratio is not None or args.budget is not None else 0.5
     make_compressor(args.compressor, ratio=ratio, budget=args.budget)  # fail fast on bad settings
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer)
+    engine, tokenizer = _engine(args)
     samples = _samples(args, args.task, tokenizer, engine.adapter.max_positions)
     runner = Runner(engine, args.max_new_tokens, Path(args.out) if args.out else None, _run_label(args, args.task))
     method = MethodSpec(args.compressor, None if args.budget is not None else ratio, args.budget)
@@ -182,11 +189,9 @@ def run_task(args: argparse.Namespace) -> int:
 
 def run_suite(args: argparse.Namespace) -> int:
     from ..compressors import make_compressor
-    from ..engine import Engine
     from ..evals.report import write_report
     from ..evals.runner import MethodSpec, Runner
     from ..evals.tasks import TASKS
-    from ..models import load_model
 
     tasks = _names(args.tasks)
     unknown = [t for t in tasks if t not in TASKS]
@@ -198,8 +203,7 @@ def run_suite(args: argparse.Namespace) -> int:
     methods = [MethodSpec(n, r) for n in _names(args.compressors) if n != "none" for r in args.ratios]
     for m in methods:
         make_compressor(m.name, ratio=m.ratio)  # fail fast on unknown names and bad ratios
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer)
+    engine, tokenizer = _engine(args)
     plan = [(t, _samples(args, t, tokenizer, engine.adapter.max_positions)) for t in tasks]
     out = Path(args.out)
     results = out / "results.jsonl"
@@ -227,14 +231,11 @@ def _text_tokens(tokenizer, haystack: str, n: int, offset: int = 0) -> list[int]
 
 def run_fidelity(args: argparse.Namespace) -> int:
     from ..compressors import make_compressor
-    from ..engine import Engine
     from ..evals.fidelity import fidelity
-    from ..models import load_model
 
     names = _names(args.compressors)
     methods = {n: make_compressor(n, ratio=args.ratio) for n in names}
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer)
+    engine, tokenizer = _engine(args)
     rows = fidelity(engine, _text_tokens(tokenizer, args.haystack, args.tokens), methods, args.steps)
     if args.json:
         print(json.dumps([{**r.__dict__, "ratio": args.ratio} for r in rows]))
@@ -247,14 +248,11 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     from ..compressors import make_compressor
-    from ..engine import Engine
     from ..evals.fidelity import perplexity
-    from ..models import load_model
 
     names = _names(args.compressors)
     comps = {n: None if n == "none" else make_compressor(n, budget=args.budget, phase="decode") for n in names}
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer)
+    engine, tokenizer = _engine(args)
     tokens = _text_tokens(tokenizer, args.haystack, args.tokens + 1, args.offset)
     rows = [perplexity(engine, tokens, comp, name) for name, comp in comps.items()]
     if args.json:

@@ -76,7 +76,6 @@ class Generation:
             limit = engine.adapter.max_positions
             budget = [min(cfg.max_new_tokens, limit - r.segments.total) for r in self.rows]
             ttft = t_first = None
-            steps = 0
             while True:
                 active = [i for i, r in enumerate(self.rows) if r.finish is None]
                 for i in active:
@@ -97,7 +96,6 @@ class Generation:
                 ctx = ForwardContext(cache, positions, engine.compressor, phase="decode")
                 next_logits = engine.adapter.forward(tokens[:, None], positions, ctx)[:, -1]
                 cache.seen = [n + 1 for n in cache.seen]
-                steps += 1
             decode_s = time.perf_counter() - t_first if t_first is not None else 0.0
             final = cache.stats() if len(caches) == 1 else None
         for i, row in enumerate(self.rows):
