@@ -36,16 +36,31 @@ def test_runner_scores_every_method_on_the_same_samples(llama, tmp_path):
 
 
 def test_compressed_answers_match_the_engine_run_alone(llama):
-    """Sharing the prefill must not change a method's answer."""
+    """Sharing the prefill and decoding every configuration in one batch must not change an answer."""
     from slimkv.compressors import make_compressor
-    from slimkv.engine import GenerationConfig, Request
+    from slimkv.engine import GenerationConfig, Segments
 
-    s = samples(1)[0]
-    runner = Runner(Engine(llama, ToyTokenizer()), max_new_tokens=6)
-    shared = {r.method: r.answer for r in runner.evaluate([s], [MethodSpec("h2o", 0.5)], question_aware=False)}
-    alone = Engine(llama, ToyTokenizer(), make_compressor("h2o", ratio=0.5)).generate(
-        Request(s.context, s.question), GenerationConfig(max_new_tokens=6, stop=("\n",)))
-    assert shared["h2o"] == alone.text
+    tok = ToyTokenizer()
+    methods = [MethodSpec("h2o", 0.5), MethodSpec("snapkv", 0.75), MethodSpec("knorm", 0.5),
+               MethodSpec("streaming_llm", 0.875)]
+    config = GenerationConfig(max_new_tokens=6, stop=("\n",))
+    for s in samples(2):
+        runner = Runner(Engine(llama, tok), max_new_tokens=6)
+        shared = {(r.method, r.ratio, r.question_aware): r.answer
+                  for r in runner.evaluate([s], methods, question_aware=(False, True))}
+        assert len(shared) == 2 * (len(methods) + 1)
+        for m in methods:
+            engine = Engine(llama, tok, make_compressor(m.name, ratio=m.ratio))
+            ctx, q = tok.encode(s.context), tok.encode(s.question, add_special_tokens=False)
+            agnostic = engine.generate(Segments(ctx, q), config)
+            assert shared[(m.name, m.ratio, False)] == agnostic.text
+            with engine.adapter.attached():  # question-aware: the question is prefilled before compression
+                cache = engine.new_cache()
+                engine.prefill(cache, ctx)
+                logits = engine.prefill(cache, q)
+                engine.compress(cache, "prefill")
+            aware = engine.continue_from(cache, logits, Segments(ctx + q, []), config)
+            assert shared[(m.name, m.ratio, True)] == aware.text
 
 
 def test_resume_skips_finished_results(llama, tmp_path):

@@ -1,10 +1,12 @@
 """The evaluation runner: prefill once per sample, compress and answer once per configuration.
 
-For every sample the prompt is prefilled once with the full cache while *every* method under test
-observes it (SnapKV keeps its window queries, H2O its attention mass, ...). Each configuration then
-gets a clone of that cache, compresses it with its method and ratio, appends the question (in the
-question-agnostic setting) and decodes the answer greedily. The full cache (``none``) runs on the same
-samples, so every score sits next to ``full_score`` measured on identical inputs.
+For every sample the context is prefilled once with the full cache while *every* method under test
+observes it (SnapKV keeps its window queries, H2O its attention mass, ...); the question-aware setting
+continues that prefill with the question. Each configuration then gets a clone of the cache,
+compresses it with its method and ratio, appends the question (in the question-agnostic setting), and
+all configurations of the sample decode their answers greedily together as one batch. The full cache
+(``none``) runs on the same samples, so every score sits next to ``full_score`` measured on identical
+inputs.
 
 Results are appended as JSON lines as soon as each one is known; a run that finds the file already
 holding some of its results skips them (an interrupted run resumes where it stopped).
@@ -16,12 +18,16 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..cache import CacheStats, SlimCache
 from ..compressors import Compressor, make_compressor
 from ..engine import Engine, GenerationConfig, Segments
+from ..engine.loop import Generation
 from .scoring import string_match
 
 log = logging.getLogger(__name__)
@@ -85,6 +91,18 @@ class EvalResult:
 
 
 @dataclass
+class _Prepared:
+    """A configuration's compressed cache, ready to answer (``seconds``: its share of the work so far)."""
+
+    method: MethodSpec
+    question_aware: bool
+    cache: SlimCache
+    logits: torch.Tensor
+    stats: CacheStats
+    seconds: float
+
+
+@dataclass
 class Runner:
     """Evaluates several methods on the same samples with one prefill per sample.
 
@@ -92,12 +110,14 @@ class Runner:
     max_new_tokens: answer length; out: JSON-lines file results are appended to (resumable)
     run: a label stored with every result (the resume key includes it: different haystacks, seeds
          or templates get different labels)
+    batch_size: answers decoded together at most (configurations of one sample share a batch)
     """
 
     engine: Engine
     max_new_tokens: int = 16
     out: Path | None = None
     run: str = ""
+    batch_size: int = 32
     _done: set = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
@@ -107,59 +127,75 @@ class Runner:
                     row = json.loads(line)
                     self._done.add(EvalResult(**row).key())
 
-    def evaluate(self, samples: Iterable[EvalSample], methods: list[MethodSpec], question_aware: bool,
+    def evaluate(self, samples: Iterable[EvalSample], methods: list[MethodSpec],
+                 question_aware: bool | Sequence[bool] = False,
                  on_result: Callable[[EvalResult], None] | None = None) -> list[EvalResult]:
-        """Every sample under every method (``none`` is added when missing); returns all results."""
+        """Every sample under every method (``none`` is added when missing); returns all results.
+
+        question_aware: one setting, or several (``(False, True)``): the settings of a sample share
+        the context's prefill, the question-aware one continues it with the question.
+        """
+        settings = (question_aware,) if isinstance(question_aware, bool) else tuple(question_aware)
         if not any(m.name == "none" for m in methods):
             methods = [MethodSpec("none"), *methods]
         compressors = {m: m.build() for m in methods}
         results: list[EvalResult] = []
         for sample in samples:
-            todo = [m for m in methods if self._key(sample, m, question_aware) not in self._done]
-            if not todo:
-                continue
-            results += self._sample(sample, todo, compressors, question_aware, on_result)
+            todo = [(m, qa) for qa in settings for m in methods if self._key(sample, m, qa) not in self._done]
+            if todo:
+                results += self._sample(sample, todo, compressors, on_result)
         return results
 
     def _key(self, sample: EvalSample, m: MethodSpec, qa: bool) -> tuple:
         return (self.run, sample.task, sample.length, sample.index, m.name, m.ratio, m.budget, qa)
 
-    def _sample(self, sample: EvalSample, methods: list[MethodSpec], compressors: dict,
-                question_aware: bool, on_result) -> list[EvalResult]:
+    def _sample(self, sample: EvalSample, todo: list[tuple[MethodSpec, bool]], compressors: dict,
+                on_result) -> list[EvalResult]:
+        """One prefill of the context, one compression per configuration, one batched decode."""
         engine = self.engine
         tok = engine.tokenizer
-        if question_aware:
-            segments = Segments(tok.encode(sample.context + sample.question), [])
-        else:
-            segments = Segments(tok.encode(sample.context), tok.encode(sample.question, add_special_tokens=False))
+        context = tok.encode(sample.context)
+        question = tok.encode(sample.question, add_special_tokens=False)
+        segments = Segments(context, question)
         engine.check_length(segments)
-        observers = tuple(c for c in compressors.values() if c.active("prefill"))
+        observers = _observers([compressors[m] for m, _ in todo])
         t0 = time.perf_counter()
+        bases: dict[bool, tuple] = {}
         with engine.adapter.attached():
             base = engine.new_cache()
-            base_logits = engine.prefill(base, segments.context, observers=observers)
-        shared = time.perf_counter() - t0
-        config = GenerationConfig(max_new_tokens=self.max_new_tokens, stop=("\n",))
-        out = []
-        for m in methods:
+            logits = engine.prefill(base, context, observers=observers)
+            if any(not qa for _, qa in todo):
+                bases[False] = (base, logits)
+            if any(qa for _, qa in todo):
+                aware = base.clone() if False in bases else base
+                bases[True] = (aware, engine.prefill(aware, question, observers=observers))
+        shared = (time.perf_counter() - t0) / len(todo)
+        prepared: list[_Prepared] = []
+        for m, qa in todo:
             t1 = time.perf_counter()
             comp = compressors[m]
             runner = engine.with_compressor(comp)
-            cache = base.clone()
+            base_cache, base_logits = bases[qa]
+            cache = base_cache.clone()
             with engine.adapter.attached():
                 runner.compress(cache, "prefill")
+                stats = cache.stats()
                 logits = base_logits
-                if segments.question:
-                    logits = runner.prefill(cache, segments.question, observers=())
-            result = runner.continue_from(cache, logits, segments, config)
+                if not qa:
+                    logits = runner.prefill(cache, question, observers=())
+                if comp.active("decode"):
+                    runner.compress(cache, "decode")
+            prepared.append(_Prepared(m, qa, cache, logits, stats, time.perf_counter() - t1 + shared))
+        answers = self._decode(prepared, segments, compressors)
+        out = []
+        for p, (text, seconds) in zip(prepared, answers):
             row = EvalResult(
-                task=sample.task, length=sample.length, index=sample.index, method=m.name, ratio=m.ratio,
-                budget=m.budget, question_aware=question_aware,
-                score=string_match(result.text, sample.answers), answer=result.text,
+                task=sample.task, length=sample.length, index=sample.index, method=p.method.name,
+                ratio=p.method.ratio, budget=p.method.budget, question_aware=p.question_aware,
+                score=string_match(text, sample.answers), answer=text,
                 expected=list(sample.answers), prompt_tokens=segments.total, depth=sample.depth,
-                bytes_full=result.cache_after_prefill.bytes_full,
-                bytes_kept=result.cache_after_prefill.bytes_kept,
-                seconds=round(time.perf_counter() - t1 + shared / len(methods), 3), run=self.run,
+                bytes_full=p.stats.bytes_full, bytes_kept=p.stats.bytes_kept,
+                seconds=round(p.seconds + seconds, 3), run=self.run,
             )
             self._record(row)
             if on_result is not None:
@@ -167,9 +203,48 @@ class Runner:
             out.append(row)
         return out
 
+    def _decode(self, prepared: list[_Prepared], segments: Segments, compressors: dict) -> list[tuple[str, float]]:
+        """Greedy answers of every prepared cache and the decode seconds charged to each.
+
+        Configurations that do not compress while decoding are decoded together as one batch (decode
+        on a small model is bound by reading the weights, so a batch costs about one sequence); the
+        others one by one, each with its own compressor.
+        """
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, stop=("\n",))
+        answers: list[tuple[str, float] | None] = [None] * len(prepared)
+        batch = [i for i, p in enumerate(prepared) if not compressors[p.method].active("decode")]
+        alone = [i for i in range(len(prepared)) if i not in batch]
+        for start in range(0, len(batch), self.batch_size):
+            rows = batch[start : start + self.batch_size]
+            t0 = time.perf_counter()
+            gen = Generation(self.engine.with_compressor(None), [segments] * len(rows), config, None,
+                             prepared=[(prepared[i].cache, prepared[i].logits) for i in rows])
+            for _ in gen:
+                pass
+            each = (time.perf_counter() - t0) / len(rows)
+            for i, result in zip(rows, gen.results):
+                answers[i] = (result.text, each)
+        for i in alone:
+            t0 = time.perf_counter()
+            runner = self.engine.with_compressor(compressors[prepared[i].method])
+            result = runner.continue_from(prepared[i].cache, prepared[i].logits, segments, config)
+            answers[i] = (result.text, time.perf_counter() - t0)
+        return answers  # type: ignore[return-value]
+
     def _record(self, row: EvalResult) -> None:
         self._done.add(row.key())
         if self.out is not None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             with self.out.open("a") as f:
                 f.write(json.dumps(dataclasses.asdict(row)) + "\n")
+
+
+def _observers(compressors: list[Compressor]) -> tuple[Compressor, ...]:
+    """One observer per distinct observation: methods differing only in ratio or budget observe alike."""
+    seen: dict[tuple, Compressor] = {}
+    for c in compressors:
+        if c.active("prefill"):
+            fields = tuple((f.name, getattr(c, f.name)) for f in dataclasses.fields(c)
+                           if f.name not in ("ratio", "budget"))
+            seen.setdefault((type(c), fields), c)
+    return tuple(seen.values())
