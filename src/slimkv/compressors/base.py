@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..cache import KVLayer
 from ..errors import ConfigError
+from .schedules import check_schedule, layer_keep
 
 PHASES = ("prefill", "decode", "both")
 
@@ -53,13 +54,18 @@ class Compressor:
     """Base class of every KV cache compression method.
 
     ratio:  fraction of KV entries removed, in [0, 1); kvpress's convention
-    budget: entries kept per layer and KV head (instead of a ratio)
+    budget: entries kept per layer and KV head (instead of a ratio); with a non-uniform schedule,
+            the mean over layers
     phase:  "prefill", "decode" or "both"; None picks the method's ``default_phase``
+    schedule: how the budget is spread over layers: "uniform" or "pyramid" (``schedules.py``)
+    beta:   steepness of the pyramid: the last layer keeps 1/beta of the mean budget
     """
 
     ratio: float | None = None
     budget: int | None = None
     phase: str | None = None
+    schedule: str = "uniform"
+    beta: float = 20.0
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "eviction"
@@ -78,6 +84,7 @@ class Compressor:
         if self.budget is not None and (isinstance(self.budget, bool) or int(self.budget) != self.budget
                                         or self.budget < 1):
             raise ConfigError(f"budget must be a whole number of entries >= 1, got {self.budget}")
+        check_schedule(self.schedule, self.beta)
         if self.phase is None:
             self.phase = self.default_phase
         if self.phase not in PHASES:
@@ -101,14 +108,16 @@ class Compressor:
 
     def describe(self) -> str:
         amount = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio or 0}"
-        return f"{self.name}({amount}, phase={self.phase})"
+        layers = "" if self.schedule == "uniform" else f", schedule={self.schedule}"
+        return f"{self.name}({amount}, phase={self.phase}{layers})"
 
-    def keep_for(self, seen: Tensor) -> Tensor:
-        """Entries to keep per row for ``seen`` tokens processed per sequence ([batch] -> [batch])."""
+    def keep_for(self, seen: Tensor, layer_idx: int = 0, num_layers: int = 1) -> Tensor:
+        """Entries layer ``layer_idx`` keeps per row for ``seen`` tokens processed ([batch] -> [batch])."""
         if self.budget is not None:
-            return torch.clamp(seen, max=int(self.budget))
-        kept = (seen.double() * (1.0 - float(self.ratio or 0.0))).long()  # int(), as kvpress
-        return torch.clamp(kept, min=1)
+            kept = torch.clamp(seen, max=int(self.budget))
+        else:
+            kept = torch.clamp((seen.double() * (1.0 - float(self.ratio or 0.0))).long(), min=1)  # int(), as kvpress
+        return layer_keep(kept, seen, layer_idx, num_layers, self.schedule, self.beta)
 
     # ------------------------------------------------------------------ the one method to override
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:

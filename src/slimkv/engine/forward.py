@@ -54,7 +54,7 @@ class ForwardContext:
         seen = torch.tensor(self.cache.seen, dtype=torch.long) + extra
         return ScoreContext(
             layer_idx=layer_idx, num_layers=len(self.cache.layers),
-            keep=comp.keep_for(seen), seen=seen, phase=self.phase,
+            keep=comp.keep_for(seen, layer_idx, len(self.cache.layers)), seen=seen, phase=self.phase,
         )
 
     def _ctx_for(self, layer_idx: int, extra: int) -> ScoreContext:
