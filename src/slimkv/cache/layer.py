@@ -118,10 +118,14 @@ class KVLayer:
         self.keys, self.values, self.positions = grow(self.keys), grow(self.values), grow(self.positions)
         self.slot_state = {k: grow(v) for k, v in self.slot_state.items()}
 
-    def _ensure_room(self, extra: int, exact: bool) -> None:
+    def _ensure_room(self, extra: int, exact: bool, cap: int | None = None) -> None:
+        """Grow to hold ``extra`` more entries: exactly, or by ``GROWTH_BLOCK`` but never past ``cap``."""
         needed = self._max_len + extra
         if needed > self.capacity:
-            self._resize(needed if exact else needed + GROWTH_BLOCK - 1 - (needed - 1) % GROWTH_BLOCK)
+            target = needed if exact else needed + GROWTH_BLOCK - 1 - (needed - 1) % GROWTH_BLOCK
+            if cap is not None:
+                target = max(needed, min(target, cap))
+            self._resize(target)
 
     def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
         """Create (or return) a float32 per-entry state tensor that follows the entries around."""
@@ -133,17 +137,19 @@ class KVLayer:
         return self.slot_state[name]
 
     # ------------------------------------------------------------------ writing
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False) -> None:
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
+               cap: int | None = None) -> None:
         """Add new entries at the end of every row.
 
         keys, values: [batch, kv_heads, tokens, head_dim]
         positions:    [batch, tokens] original positions of the new tokens
-        exact:        grow to exactly the needed capacity (prefill) instead of by ``GROWTH_BLOCK``.
+        exact:        grow to exactly the needed capacity (prefill) instead of by ``GROWTH_BLOCK``
+        cap:          the most entries a row will ever hold (a decode budget): growth stops there
         """
         batch, heads, tokens, _ = keys.shape
         if self.keys is None:
             self._allocate(keys, batch, heads, max(tokens, self._reserved))
-        self._ensure_room(tokens, exact)
+        self._ensure_room(tokens, exact, cap)
         assert self.keys is not None and self.values is not None
         assert self.positions is not None and self.lengths is not None
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens)
@@ -160,7 +166,8 @@ class KVLayer:
         self.lengths += tokens
         self._max_len += tokens
 
-    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
+                cap: int | None = None) -> None:
         """Decode-phase write of one new token per row, evicting where a row is full.
 
         slots:     [batch, kv_heads] slot of the evicted entry, used only where ``full``
@@ -169,9 +176,10 @@ class KVLayer:
         """
         assert self.lengths is not None
         if not bool(full.any()):
-            self.append(keys, values, positions)
+            self.append(keys, values, positions, cap=cap)
             return
-        self._ensure_room(1, exact=False)
+        if int((self.lengths + (~full).long()).max()) > self.capacity:  # only rows below budget grow
+            self._ensure_room(1, exact=False, cap=cap)
         target = torch.where(full, slots, self.lengths)[..., None]  # [B, H, 1]
         batch, heads = full.shape
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, 1)

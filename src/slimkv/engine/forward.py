@@ -70,13 +70,14 @@ class ForwardContext:
         layer.scale = scale
         tokens = key.shape[2]
         comp = self.compressor
-        room = None
+        room = cap = None
         if comp is not None and self.phase == "decode" and tokens == 1 and comp.active("decode"):
-            room = comp.make_room(layer, self._ctx(layer_idx, 1))
+            ctx = self._ctx(layer_idx, 1)
+            room, cap = comp.make_room(layer, ctx), int(ctx.keep.max())
         if room is not None:
-            layer.replace(room[0], room[1], key, value, self.positions)
+            layer.replace(room[0], room[1], key, value, self.positions, cap=cap)
         else:
-            layer.append(key, value, self.positions, exact=self.phase == "prefill")
+            layer.append(key, value, self.positions, exact=self.phase == "prefill", cap=cap)
         out, mass = layer.attend(
             query, self.positions, scale, tokens, sliding_window=sliding_window, softcap=softcap,
             want_key_mass=any(o.needs_key_mass for o in self._watching), mask_cache=self.mask_cache,
