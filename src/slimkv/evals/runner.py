@@ -214,8 +214,7 @@ class Runner:
         answers: list[tuple[str, float] | None] = [None] * len(prepared)
         batch = [i for i, p in enumerate(prepared) if not compressors[p.method].active("decode")]
         alone = [i for i in range(len(prepared)) if i not in batch]
-        for start in range(0, len(batch), self.batch_size):
-            rows = batch[start : start + self.batch_size]
+        for rows in self._groups(batch, prepared):
             t0 = time.perf_counter()
             gen = Generation(self.engine.with_compressor(None), [segments] * len(rows), config, None,
                              prepared=[(prepared[i].cache, prepared[i].logits) for i in rows])
@@ -230,6 +229,17 @@ class Runner:
             result = runner.continue_from(prepared[i].cache, prepared[i].logits, segments, config)
             answers[i] = (result.text, time.perf_counter() - t0)
         return answers  # type: ignore[return-value]
+
+    def _groups(self, rows: list[int], prepared: list[_Prepared]) -> list[list[int]]:
+        """Batches of similar cache sizes: a stacked batch pads every row to its largest one."""
+        size = {i: max(layer.max_length for layer in prepared[i].cache.layers) for i in rows}
+        groups: list[list[int]] = []
+        for i in sorted(rows, key=lambda i: -size[i]):
+            if groups and len(groups[-1]) < self.batch_size and size[i] * 2 > size[groups[-1][0]]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def _record(self, row: EvalResult) -> None:
         self._done.add(row.key())
