@@ -188,14 +188,6 @@ def test_snapkv_then_kivi_quantizes_what_snapkv_keeps(llama):
     assert stats.tokens_kept == 60 and stats.bytes_kept < dense_stats.bytes_kept / 3
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "knorm", "h2o", "random", "snapkv"])
-def test_every_eviction_method_composes_with_kivi2(llama, name):
-    engine = Engine(llama, ToyTokenizer(), make_compressor(f"{name}+kivi2", ratio=0.5))
-    result = engine.generate(Segments(prompt_ids(90), []), GenerationConfig(max_new_tokens=5, ignore_eos=True))
-    assert len(result.token_ids) == 5
-    assert result.cache_after_prefill.tokens_kept == 45
-
-
 @pytest.mark.parametrize("bad, message", [
     ("kivi2+snapkv", "must come before kivi2"),
     ("kivi2+kivi4", "both quantization methods"),
