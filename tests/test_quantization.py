@@ -266,3 +266,20 @@ def test_stack_refuses_mixed_layer_kinds():
     b.layers[0] = QuantizedLayer.from_layer(dense_layer(tokens=20, dim=16), QuantSpec(bits=2, group=8))
     with pytest.raises(ValueError, match="one compressor"):
         SlimCache.stack([a, b])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_kernel_matches_dequantized_attention(bits):
+    from slimkv.cache import kernels
+
+    layer = dense_layer(batch=2, heads=2, tokens=150, dim=16)
+    q = QuantizedLayer.from_layer(layer, QuantSpec(bits=bits, group=32, residual=3))
+    q.append(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), torch.arange(150, 154).expand(2, 4))
+    query = torch.randn(2, 6, 1, 16)
+    position = torch.tensor([[154], [154]])
+    if not kernels.available(query, q):
+        pytest.skip("no C compiler: the kernel is not built")
+    fused, _ = q.attend(query, position, 0.25, new_tokens=1)
+    with kernels.disabled():
+        dense, _ = q.attend(query, position, 0.25, new_tokens=1)
+    torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-5)
