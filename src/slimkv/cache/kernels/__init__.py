@@ -107,6 +107,11 @@ def disabled() -> Iterator[None]:
         _state["enabled"] = before
 
 
+def compiled() -> bool:
+    """Whether the kernel library is built and loaded (compiling it on first call)."""
+    return _lib() is not None
+
+
 def available(query: Tensor, layer: QuantizedLayer) -> bool:
     return (bool(_state["enabled"]) and query.device.type == "cpu" and query.dtype == torch.float32
             and layer.dtype == torch.float32 and query.shape[-1] <= MAX_HEAD_DIM and _lib() is not None)
