@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("quant_attend.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_HEAD_DIM = 1024  # the kernel's per-entry scratch row
-#: entries per thread's partial sum of the value pass (chunks per (batch, head) row)
-VALUE_CHUNKS = 8
 
 _state: dict[str, object] = {"lib": None, "tried": False, "enabled": True}
 
@@ -80,9 +78,9 @@ def _compile() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(str(target))
-    ints = [ctypes.c_int] * 8
-    lib.kivi_scores.argtypes = ints + [ctypes.c_void_p] * 4 + [ctypes.c_int]
-    lib.kivi_values.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    lib.kivi_decode.argtypes = ([ctypes.c_int] * 10 + [ctypes.c_float] + [ctypes.c_void_p] * 10
+                                + [ctypes.c_int])
+    lib.kivi_decode.restype = None
     return lib
 
 
@@ -130,31 +128,18 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
     batch, q_heads, tokens, dim = query.shape
     heads = layer.k_codes.shape[1]
     rows = q_heads // heads * tokens
-    n = layer.quantized_length
-    groups = layer.k_scale.shape[2]
-    vg = spec.value_group(dim)
-    nv = dim // vg
-    threads = torch.get_num_threads()
-    q = query.reshape(batch, heads, rows, dim)  # rows ordered (group member, token), as attend_rows
-    # keys: fold each group's per-channel scale into the query, its zero point into a bias
-    qs = (q[:, :, None] * layer.k_scale.float()[:, :, :, None, :]).contiguous()  # [B, H, NG, R, D]
-    qz = (layer.k_zero.float() @ q.transpose(-1, -2)).contiguous()  # [B, H, NG, R]
-    scores = torch.empty(batch, heads, rows, n)
-    lib.kivi_scores(batch * heads, n, dim, rows, spec.bits, spec.group, layer.k_pad, groups,
-                    _ptr(layer.k_codes), _ptr(qs), _ptr(qz), _ptr(scores), threads)
-    res_n = layer.residual.max_length
-    if res_n:
-        rk, rv, _ = layer.residual.view()  # [B, H, r, D]
-        scores = torch.cat([scores, q @ rk.transpose(-1, -2)], dim=-1)
-    probs = (scores * scale).softmax(dim=-1)  # [B, H, R, Q + r]
-    pq = probs[..., :n]
-    # values: fold each entry's scale into its weight, its zero point into a bias per value group
-    w = (pq[..., None] * layer.v_scale.float()[:, :, None]).contiguous()  # [B, H, R, Q, NV]
-    partial = torch.zeros(batch, heads, VALUE_CHUNKS, rows, dim)
-    lib.kivi_values(batch * heads, n, dim, rows, spec.bits, nv, VALUE_CHUNKS,
-                    _ptr(layer.v_codes), _ptr(w), _ptr(partial), threads)
-    out = partial.sum(dim=2)  # [B, H, R, D]
-    out += (pq @ layer.v_zero.float()).repeat_interleave(vg, dim=-1)
-    if res_n:
-        out += probs[..., n:] @ rv
+    q = query.reshape(batch, heads, rows, dim).contiguous()  # rows ordered (group member, token), as attend_rows
+    if layer.residual.max_length:
+        res_k, res_v, _ = layer.residual.view()  # [B, H, r, D]
+        res_k, res_v = res_k.contiguous(), res_v.contiguous()
+    else:
+        res_k = res_v = q  # not read: no residual entries
+    # float16 parameters widened here (a few small vectorized copies; C would convert them one by one)
+    k_scale, k_zero, v_scale, v_zero = (t.float() for t in (layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero))
+    out = torch.empty_like(q)
+    lib.kivi_decode(batch * heads, layer.quantized_length, layer.residual.max_length, dim, rows, spec.bits,
+                    spec.group, layer.k_pad, layer.k_scale.shape[2], layer.v_scale.shape[-1], scale,
+                    _ptr(q), _ptr(layer.k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(layer.v_codes),
+                    _ptr(v_scale), _ptr(v_zero), _ptr(res_k), _ptr(res_v), _ptr(out),
+                    torch.get_num_threads())
     return out.view(batch, heads, q_heads // heads, tokens, dim).reshape(batch, q_heads, tokens, dim)
