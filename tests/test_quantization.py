@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slimkv.cache import KVLayer, QuantizedLayer, QuantSpec, SlimCache
+from slimkv.cache import CacheSpec, KVLayer, QuantizedLayer, QuantSpec, SlimCache
 from slimkv.cache.packing import pack, quantize, unpack
 from slimkv.compressors import Pipeline, make_compressor
 from slimkv.engine import Engine, GenerationConfig, Segments
@@ -260,12 +260,24 @@ def test_clone_is_independent(llama):
 
 
 def test_stack_refuses_mixed_layer_kinds():
-    spec = SlimCache(__import__("slimkv").cache.CacheSpec(1, 2, 16, torch.float32))
-    a, b = SlimCache(spec.spec), SlimCache(spec.spec)
+    spec = CacheSpec(layers=1, kv_heads=2, head_dim=16, dtype=torch.float32)
+    a, b = SlimCache(spec), SlimCache(spec)
     a.layers[0] = dense_layer(tokens=20, dim=16)
     b.layers[0] = QuantizedLayer.from_layer(dense_layer(tokens=20, dim=16), QuantSpec(bits=2, group=8))
     with pytest.raises(ValueError, match="one compressor"):
         SlimCache.stack([a, b])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_sliding_window_and_softcap_models_read_quantized_layers(family):
+    """Sliding windows and soft-capping take the dequantizing path; 8 bits stays close to the full cache."""
+    from .conftest import tiny_model
+
+    model = tiny_model(family, sliding_window=24)
+    ids = prompt_ids(100, seed=9)
+    full, _ = greedy_logits(Engine(model, ToyTokenizer()), ids, steps=10)
+    got, _ = greedy_logits(Engine(model, ToyTokenizer(), make_compressor("kivi8", group=16)), ids, steps=10)
+    assert (got - full).abs().max() / full.abs().max() < 0.05
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
