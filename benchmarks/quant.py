@@ -179,10 +179,11 @@ def main() -> int:
 
 def report(meta: dict, data: dict) -> str:
     commands = [f"`{v}`" for k, v in meta.items() if k.startswith("command")]
-    lines = [f"# KIVI quantization ({meta['date']}, torch {meta['torch']}, {meta['threads']} threads, CPU, "
+    lines = [f"# KIVI quantization ({meta['date']}, torch {meta['torch']}, torch threads: {meta['threads']}, CPU, "
              "embedded SmolLM2-135M)", "", "Commands: " + "; ".join(commands), "",
              "Shared 2-core machine; 1-minute load average at start and end of each part: "
-             + "; ".join(f"{k[9:]} {v}" for k, v in meta.items() if k.startswith("load_avg")), ""]
+             + "; ".join(f"{k[9:]} {', '.join(f'{x:.1f}' for x in v)}" for k, v in meta.items()
+                         if k.startswith("load_avg")), ""]
     if data["bits"]:
         lines += ["## Effective bits per stored element", "",
                   "bits = every allocated byte x 8 / (entries x 2 x head_dim); 16-bit = bytes over a 16-bit cache "
