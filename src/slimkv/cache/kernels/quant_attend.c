@@ -85,7 +85,7 @@ void kivi_decode(int BH, int Q, int NR, int D, int R, int bits, int group, int p
                 s[(size_t)r * L + Q + t] = acc * scale;
             }
         for (int r = 0; r < R; r++) {  /* softmax of each query row */
-            float *sr = s + (size_t)r * L, top = -INFINITY, sum = 0.0f;
+            float *sr = s + (size_t)r * L, top = sr[0], sum = 0.0f;  /* no infinities: built with -ffast-math */
             for (int t = 0; t < L; t++) top = sr[t] > top ? sr[t] : top;
             for (int t = 0; t < L; t++) { sr[t] = expf(sr[t] - top); sum += sr[t]; }
             const float inv = 1.0f / sum;
