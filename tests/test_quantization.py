@@ -312,3 +312,11 @@ def test_minikv_gives_lower_layers_more_entries_at_the_same_total(llama):
     assert set(ref.layers[0].view()[2][0, 0].tolist()) <= set(cache.layers[0].positions()[0, 0].tolist())
     with pytest.raises(ConfigError, match="spread"):
         make_compressor("minikv", ratio=0.5, spread=1.0)
+
+
+def test_loading_the_kernel_keeps_denormals():
+    """The kernel is compiled with -ffast-math but never linked with it: no process-wide flush-to-zero."""
+    from slimkv.cache import kernels
+
+    kernels.compiled()
+    assert (torch.tensor([1e-39]) * 1.0).item() > 0
