@@ -212,6 +212,8 @@ def test_composition_settings_are_checked():
     assert pipe.name == "knorm+kivi4" and pipe.budget == 10 and pipe.quantizes
     assert pipe.keep_for(torch.tensor([50])).tolist() == [10]
     assert make_compressor("kivi2", ratio=0.0).compresses
+    with pytest.raises(ConfigError, match="takes only `stages="):
+        Pipeline((make_compressor("knorm", budget=10), make_compressor("kivi4")))
 
 
 def test_cli_accepts_a_composition(capsys):

@@ -41,11 +41,14 @@ class Pipeline(Compressor):
     paper = "-"
 
     def __post_init__(self) -> None:
+        if self.ratio is not None or self.budget is not None or self.phase is not None:
+            raise ConfigError(
+                "a Pipeline takes only `stages=(...)`; the ratio, budget and phase belong to its eviction stage, "
+                "e.g. Pipeline(stages=(make_compressor('snapkv', ratio=0.5), make_compressor('kivi2')))"
+            )
         self.stages = tuple(self.stages)
         if len(self.stages) < 2:
             raise ConfigError("a pipeline needs at least two stages, e.g. snapkv+kivi2")
-        if self.ratio is not None or self.budget is not None or self.phase is not None:
-            raise ConfigError("give the ratio, budget and phase to the pipeline's eviction stage, not the pipeline")
         self.name = "+".join(s.name for s in self.stages)
         _check_order(self.stages)
         deciders = [s for s in self.stages if s.active("decode")]
