@@ -35,7 +35,6 @@ from the residual.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -347,7 +346,3 @@ def _join_positions(old: Tensor, new: Tensor) -> Tensor:
     both = torch.cat([old.to(torch.int32).expand(-1, heads, -1), new.to(torch.int32)], dim=2)
     return _compact_positions(both)
 
-
-def bits_per_element(nbytes: int, entries: int, head_dim: int) -> float:
-    """Effective bits per stored key or value element: ``nbytes * 8 / (entries * 2 * head_dim)``."""
-    return math.inf if entries == 0 else nbytes * 8 / (entries * 2 * head_dim)
