@@ -14,8 +14,10 @@ from slimkv.engine.forward import ForwardContext
 from .conftest import ToyTokenizer, prompt_ids
 
 ALL = compressors.names()
+EVICTION = [n for n in ALL if compressors.method_info(n).kind == "eviction"]
+QUANT = [n for n in ALL if compressors.method_info(n).kind == "quantization"]
 LOSSY = [n for n in ALL if n != "none"]
-DECODE = [n for n in LOSSY if "decode" in compressors.method_info(n).phases]
+DECODE = [n for n in EVICTION if "decode" in compressors.method_info(n).phases]
 RATIOS = [0.25, 0.5, 0.75]
 
 
@@ -41,7 +43,7 @@ def test_every_method_is_documented(name):
         assert "arXiv" in module_doc or "arXiv" in info.paper
 
 
-@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("name", EVICTION)
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_prefill_keeps_budget_in_bytes(llama, name, ratio):
     engine = engine_for(llama, name, ratio=ratio, phase="prefill")
@@ -63,7 +65,7 @@ def test_prefill_keeps_budget_in_bytes(llama, name, ratio):
     assert stats.bytes_kept < stats.bytes_full * (1 - ratio) * 1.1
 
 
-@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("name", EVICTION)
 def test_kept_entries_keep_original_positions(llama, name):
     ids = prompt_ids(64, seed=3)
     full = engine_for(llama, "none")
@@ -107,7 +109,7 @@ def slimkv_greedy_logits(engine, ids, steps):
     return torch.cat(logits)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [n for n in ALL if n not in QUANT])
 def test_ratio_zero_matches_plain_transformers(llama, name):
     ids = prompt_ids(40, seed=1)
     with torch.no_grad():
@@ -166,3 +168,33 @@ def test_question_agnostic_compresses_context_only(llama):
     assert cache.stats().tokens_kept == 30 + 10  # question appended uncompressed
     positions = cache.layers[0].view()[2][0, 0].tolist()
     assert set(range(60, 70)) <= set(positions)
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
+    """Every entry stays; bytes per element: the code bits plus float16 scales and zero points
+    (group 32 tokens per key channel, 16 channels per value: 0.5 + 1 bits here) plus shared int16
+    positions (0.25 bits with 2 heads of 16 channels) and lengths."""
+    engine = engine_for(llama, name, group=32)
+    bits = engine.compressor.bits
+    with engine.adapter.attached():
+        cache, _ = engine.prepare(Segments(prompt_ids(256), []))
+    spec = engine.adapter.spec
+    stats = cache.stats()
+    assert stats.tokens_kept == 256
+    elements = 256 * spec.layers * spec.kv_heads * 2 * spec.head_dim
+    lengths = spec.layers * spec.kv_heads * 8
+    assert stats.bytes_kept * 8 == elements * (bits + 0.5 + 1 + 0.25) + lengths * 8
+
+
+@pytest.mark.parametrize("evict", EVICTION)
+@pytest.mark.parametrize("name", QUANT)
+def test_quantizer_composes_with_every_eviction_method(llama, evict, name):
+    engine = Engine(llama, ToyTokenizer(), compressors.make_compressor(f"{evict}+{name}", ratio=0.5))
+    result = engine.generate(Segments(prompt_ids(90), []), GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert len(result.token_ids) == 4
+    assert abs(result.cache_after_prefill.tokens_kept - 45) <= 1  # (a layer schedule rounds per layer)
+    # half the entries, each at `bits` plus under 4 bits of float16 scales, zero points and per-head
+    # int16 positions at these tiny sizes (45 entries, 16 channels), against 32-bit dense entries
+    after = result.cache_after_prefill
+    assert after.bytes_kept < after.bytes_full / 2 * (engine.compressor.stages[1].bits + 4) / 32

@@ -85,3 +85,13 @@ def test_report_writes_leaderboard_and_plots(llama, tmp_path):
     assert "streaming_llm@0.5" in text and "none (full cache)" in text
     assert all(p.exists() and p.stat().st_size > 1000 for p in pngs)
     assert json.loads(out.read_text().splitlines()[0])["run"] == "t"
+
+
+def test_quantized_and_composed_methods_run_beside_the_batch(llama):
+    s = samples(1)[0]
+    runner = Runner(Engine(llama, ToyTokenizer()), max_new_tokens=4)
+    methods = [MethodSpec("kivi4"), MethodSpec("snapkv+kivi2", 0.5), MethodSpec("knorm", 0.5)]
+    results = runner.evaluate([s], methods, question_aware=(False, True))
+    assert {r.method for r in results} == {"none", "kivi4", "snapkv+kivi2", "knorm"}
+    kept = {(r.method, r.question_aware): r.bytes_kept / r.bytes_full for r in results}
+    assert kept[("kivi4", False)] < 0.5 and kept[("snapkv+kivi2", False)] < kept[("kivi4", False)]

@@ -2,5 +2,6 @@
 
 from .cache import CacheSpec, CacheStats, SlimCache
 from .layer import KVLayer
+from .quantized import QuantizedLayer, QuantSpec
 
-__all__ = ["CacheSpec", "CacheStats", "KVLayer", "SlimCache"]
+__all__ = ["CacheSpec", "CacheStats", "KVLayer", "QuantizedLayer", "QuantSpec", "SlimCache"]

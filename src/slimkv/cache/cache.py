@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer import KVLayer
+from .quantized import QuantizedLayer
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class SlimCache:
 
     def __init__(self, spec: CacheSpec, batch: int = 1) -> None:
         self.spec = spec
-        self.layers = [KVLayer() for _ in range(spec.layers)]
+        self.layers: list[KVLayer | QuantizedLayer] = [KVLayer() for _ in range(spec.layers)]
         self.seen = [0] * batch
 
     @property
@@ -95,6 +96,13 @@ class SlimCache:
         if not caches:
             raise ValueError("stack needs at least one cache")
         out = cls(caches[0].spec, batch=0)
-        out.layers = [KVLayer.stack([c.layers[i] for c in caches]) for i in range(out.spec.layers)]
+        out.layers = [_stack_layers([c.layers[i] for c in caches]) for i in range(out.spec.layers)]
         out.seen = [n for c in caches for n in c.seen]
         return out
+
+
+def _stack_layers(layers: list) -> KVLayer | QuantizedLayer:
+    kinds = {type(layer) for layer in layers}
+    if len(kinds) > 1:
+        raise ValueError("cannot decode quantized and full-precision caches in one batch; use one compressor")
+    return kinds.pop().stack(layers)

@@ -38,6 +38,8 @@ GROWTH_BLOCK = 64
 class KVLayer:
     """Dense per-row KV storage of one attention layer (see the module docstring for the layout)."""
 
+    quantized = False  # see ``QuantizedLayer``
+
     def __init__(self) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None

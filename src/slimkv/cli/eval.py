@@ -200,7 +200,16 @@ def run_suite(args: argparse.Namespace) -> int:
     settings = _names(args.settings)
     if not settings or any(s not in ("agnostic", "aware") for s in settings):
         raise ConfigError(f"--settings takes agnostic, aware or both, got {args.settings!r}")
-    methods = [MethodSpec(n, r) for n in _names(args.compressors) if n != "none" for r in args.ratios]
+    from ..compressors.quantization.base import Quantizer
+
+    methods = []
+    for n in _names(args.compressors):
+        if n == "none":
+            continue
+        if isinstance(make_compressor(n), Quantizer):  # keeps every entry: no ratio to sweep
+            methods.append(MethodSpec(n))
+        else:
+            methods += [MethodSpec(n, r) for r in args.ratios]
     for m in methods:
         make_compressor(m.name, ratio=m.ratio)  # fail fast on unknown names and bad ratios
     engine, tokenizer = _engine(args)

@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     for m in infos:
         phases = "+".join(m.phases) or "-"
         params = f" [{', '.join(m.params)}]" if m.params else ""
-        print(f"{m.name:<{width}}  {m.kind:<9} {phases:<15} {m.summary}{params}")
+        print(f"{m.name:<{width}}  {m.kind:<12} {phases:<15} {m.summary}{params}")
         print(f"{'':<{width}}  paper: {m.paper}")
+    print("\nCompose an eviction method and a quantizer with '+', eviction first: "
+          "--compressor snapkv+kivi2 --ratio 0.5")
     return 0

@@ -8,6 +8,8 @@ Contract (who calls what, in which order; the engine drives it, see ``engine/for
    only to methods with ``needs_key_mass = True``; it costs an explicit attention computation.
 2. ``compress(layer, ctx)`` - after a prefill segment (prefill phase) or after a multi-token pass in
    the decode phase: keep the ``ctx.keep`` highest-scored entries of every row; the rest is freed.
+   It may return a layer object that replaces ``layer`` in the cache (quantizers return a
+   :class:`~slimkv.cache.QuantizedLayer`); eviction methods shrink the layer in place and return None.
 3. ``make_room(layer, ctx)`` - decode phase, before one new token is written: for rows at their
    budget, pick the entry to evict (the lowest score); the new token takes its slot.
 
@@ -73,6 +75,7 @@ class Compressor:
     supported_phases: ClassVar[tuple[str, ...]] = ("prefill",)
     default_phase: ClassVar[str] = "prefill"
     needs_key_mass: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = False  # stores entries in fewer bits (see ``quantization/``)
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.budget is not None:

@@ -1,4 +1,8 @@
-"""Compressors by name: ``register`` a class once, ``make_compressor("snapkv", ratio=0.5)`` anywhere."""
+"""Compressors by name: ``register`` a class once, ``make_compressor("snapkv", ratio=0.5)`` anywhere.
+
+Compositions are named by joining registered names with ``+`` in the order they act:
+``make_compressor("snapkv+kivi2", ratio=0.5)`` (see ``compose.py``).
+"""
 
 from __future__ import annotations
 
@@ -67,7 +71,19 @@ def make_compressor(
     name: str, ratio: float | None = None, budget: int | None = None, phase: str | None = None,
     **params: object,
 ) -> Compressor:
-    """Build a registered compressor; raises :class:`ConfigError` on any invalid setting."""
+    """Build a registered compressor, or a composition ``a+b`` of them (``compose.py``).
+
+    Raises :class:`ConfigError` on any invalid setting, at configuration time.
+    """
+    if "+" in name:
+        if params:
+            raise ConfigError(
+                f"{name}: method parameters ({', '.join(sorted(params))}) cannot be given to a composition "
+                "by name; build a `Pipeline` of configured methods in Python"
+            )
+        from .compose import compose
+
+        return compose([part.strip() for part in name.split("+")], ratio=ratio, budget=budget, phase=phase)
     cls = _lookup(name)
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - allowed)

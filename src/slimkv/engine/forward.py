@@ -93,4 +93,6 @@ class ForwardContext:
         if self.compressor is None or not self.compressor.compresses:
             return
         for i, layer in enumerate(self.cache.layers):
-            self.compressor.compress(layer, self._ctx(i, 0))
+            out = self.compressor.compress(layer, self._ctx(i, 0))
+            if out is not None:  # a quantizer hands back the layer that replaces this one
+                self.cache.layers[i] = out

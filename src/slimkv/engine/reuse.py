@@ -140,6 +140,8 @@ class PrefixStore:
         return prompt_key(ids, spec)
 
     def load_compressed(self, cache_spec, ids: list[int], comp: Compressor) -> SlimCache | None:
+        if comp.quantizes:
+            return None  # stored caches hold dense entries; quantized contexts are recomputed
         t0 = time.perf_counter()
         payload = self.stack.get_cache(self._compressed_key(ids, comp))
         if payload is None:
@@ -158,4 +160,7 @@ class PrefixStore:
         return cache
 
     def save_compressed(self, cache: SlimCache, ids: list[int], comp: Compressor) -> None:
+        if comp.quantizes:
+            log.info("store: quantized contexts are not stored (the store keeps dense entries)")
+            return
         self.stack.put_cache(self._compressed_key(ids, comp), cache_to_payload(cache))

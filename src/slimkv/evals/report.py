@@ -36,7 +36,9 @@ class Cell:
     def label(self) -> str:
         if self.method == "none":
             return "none (full cache)"
-        return f"{self.method}@{self.ratio}" if self.budget is None else f"{self.method}#{self.budget}"
+        if self.budget is not None:
+            return f"{self.method}#{self.budget}"
+        return self.method if self.ratio is None else f"{self.method}@{self.ratio}"
 
 
 def load_results(path: Path) -> list[dict]:
@@ -125,6 +127,10 @@ def plots(cells: list[Cell], rows: list[dict], out: Path) -> list[Path]:
                     pts[c.ratio].append(c.score)
             xs = sorted(pts)
             ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m)
+        fixed = sorted({c.method for c in cs if c.method != "none" and c.ratio is None and c.budget is None})
+        for m in fixed:  # methods without a ratio (quantizers keep every entry): a reference line each
+            ax.axhline(mean([c.score for c in cs if c.method == m and c.ratio is None]), linestyle=":",
+                       color=f"C{(len(methods) + fixed.index(m)) % 10}", label=f"{m} (all entries)")
         full = [c.score for c in cs if c.method == "none"]
         if full:
             ax.axhline(mean(full), color="black", linestyle="--", label="full cache")

@@ -46,9 +46,9 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        if self.name == "none":
-            return "none"
-        return f"{self.name}@{self.ratio}" if self.budget is None else f"{self.name}#{self.budget}"
+        if self.budget is not None:
+            return f"{self.name}#{self.budget}"
+        return self.name if self.ratio is None else f"{self.name}@{self.ratio}"
 
 
 @dataclass(frozen=True)
@@ -206,13 +206,14 @@ class Runner:
     def _decode(self, prepared: list[_Prepared], segments: Segments, compressors: dict) -> list[tuple[str, float]]:
         """Greedy answers of every prepared cache and the decode seconds charged to each.
 
-        Configurations that do not compress while decoding are decoded together as one batch (decode
-        on a small model is bound by reading the weights, so a batch costs about one sequence); the
-        others one by one, each with its own compressor.
+        Configurations that do not compress while decoding are decoded together in batches of similar
+        cache sizes (decode on a small model is bound by reading the weights, so a batch costs about
+        one sequence); the others (decode-phase methods, quantized caches) one by one.
         """
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, stop=("\n",))
         answers: list[tuple[str, float] | None] = [None] * len(prepared)
-        batch = [i for i, p in enumerate(prepared) if not compressors[p.method].active("decode")]
+        batch = [i for i, p in enumerate(prepared) if not compressors[p.method].active("decode")
+                 and not any(getattr(layer, "quantized", False) for layer in p.cache.layers)]
         alone = [i for i in range(len(prepared)) if i not in batch]
         for rows in self._groups(batch, prepared):
             t0 = time.perf_counter()
@@ -256,5 +257,5 @@ def _observers(compressors: list[Compressor]) -> tuple[Compressor, ...]:
         if c.active("prefill"):
             fields = tuple((f.name, getattr(c, f.name)) for f in dataclasses.fields(c)
                            if f.name not in ("ratio", "budget"))
-            seen.setdefault((type(c), fields), c)
+            seen.setdefault((type(c), repr(fields)), c)
     return tuple(seen.values())

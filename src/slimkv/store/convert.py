@@ -23,6 +23,8 @@ def cache_to_payload(cache: SlimCache) -> CachePayload:
     for i, layer in enumerate(cache.layers):
         if not layer.initialized or layer.lengths is None:
             raise InputError(f"cache layer {i} holds no entries yet; store a cache after prefill")
+        if layer.quantized:
+            raise InputError(f"cache layer {i} is quantized; the store keeps dense entries only")
         keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
         layers.append(LayerEntries(keys.cpu(), values.cpu(), positions.cpu(), layer.lengths.cpu()))
     return CachePayload(layers=layers, seen=list(cache.seen))

@@ -1,0 +1,350 @@
+"""A quantized layer: KIVI-style packed codes for old entries, a small full-precision residual for new ones.
+
+Contract (the same calls the engine makes on a :class:`~slimkv.cache.KVLayer`):
+
+1. A quantizer (``compressors/quantization``) builds it once from a dense layer after prefill and
+   eviction: :meth:`QuantizedLayer.from_layer`. The dense layer's entries must be in time order
+   (they are: appends and ``keep`` preserve slot order), every row holding the same number.
+2. ``append`` adds new entries to the full-precision residual; complete groups of the residual's
+   oldest entries are quantized at the start of the *next* append, so a token is always attended
+   in full precision during the pass that created it.
+3. ``attend`` reads the layer: the fused kernel (``cache/kernels``) when every entry is visible to
+   every query (decoding), otherwise the layer is dequantized on the fly and read like a dense one.
+   Either way only this layer is ever expanded, never the whole cache.
+4. ``nbytes`` counts every allocated byte: packed codes, float16 scales and zero points, positions,
+   lengths and the residual (a :class:`KVLayer` grown exactly, without free slots).
+
+Eviction does not act on quantized entries (``keep`` and ``replace`` refuse): evict first, then
+quantize what is kept (``compressors/compose.py``).
+
+Layout (``Q`` quantized entries per row, ``NG`` key groups, ``P = head_dim * bits // 8``)::
+
+    k_codes, v_codes: [batch, kv_heads, Q, P]             uint8, packed (``cache/packing.py``)
+    k_scale, k_zero:  [batch, kv_heads, NG, head_dim]     float16, per channel over ``group`` entries
+    v_scale, v_zero:  [batch, kv_heads, Q, head_dim / VG] float16, per entry over ``VG`` channels
+    positions:        [batch, 1 or kv_heads, Q]           int16 (int32 past 32767), one row when
+                                                          every head holds the same positions
+    residual:         KVLayer of the newest entries in the model dtype
+
+Key groups are aligned to the *newest* quantized entry: at conversion the oldest group is the
+short one (``k_pad`` missing entries at its front), so right after prefill the full-precision part is
+exactly ``residual`` entries (KIVI leaves the prompt's last ``n mod group`` keys in full precision
+instead; aligning the other way makes the cost after prefill predictable). Later groups come full
+from the residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .attention import attend_rows
+from .layer import KVLayer
+from .packing import PARAM_DTYPE, check_bits, pack, quantize, unpack
+
+INT16_MAX = 32767
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a layer is quantized.
+
+    bits: bits per code (2, 4 or 8)
+    group: entries per key group (keys are quantized per channel over ``group`` consecutive entries);
+           values are quantized per entry in groups of ``min(group, head_dim)`` channels
+    residual: newest entries always kept in full precision (besides a group still filling)
+    """
+
+    bits: int = 2
+    group: int = 128
+    residual: int = 0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.group < 1:
+            raise ValueError(f"group must be >= 1, got {self.group}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0, got {self.residual}")
+
+    def value_group(self, head_dim: int) -> int:
+        """Channels per value group: ``min(group, head_dim)``, or the whole head if that does not divide it."""
+        g = min(self.group, head_dim)
+        return g if head_dim % g == 0 else head_dim
+
+
+class QuantizedLayer:
+    """KIVI-style quantized storage of one attention layer (see the module docstring)."""
+
+    quantized = True
+
+    def __init__(self, spec: QuantSpec, residual: KVLayer, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.residual = residual
+        self.dtype = dtype
+        self.scale = residual.scale
+        self.k_pad = 0
+        self.k_codes = self.v_codes = self.k_scale = self.k_zero = self.v_scale = self.v_zero = None
+        self.positions_q: Tensor | None = None
+        self.lengths: Tensor | None = None
+        self.slot_state: dict[str, Tensor] = {}
+        self.extra: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_layer(cls, layer: KVLayer, spec: QuantSpec) -> QuantizedLayer:
+        """Quantize all but the newest ``spec.residual`` entries of a dense layer (per-entry state is dropped)."""
+        if not layer.initialized:
+            raise ValueError("cannot quantize an empty layer; quantize after prefill")
+        if not layer.uniform:
+            raise ValueError(
+                "quantization needs every row of a layer to hold the same number of entries; "
+                "quantize each sequence's cache before stacking a batch"
+            )
+        keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
+        dim = keys.shape[-1]
+        if dim % (8 // spec.bits):
+            raise ValueError(f"{spec.bits}-bit packing needs head_dim divisible by {8 // spec.bits}, got {dim}")
+        n = keys.shape[2]
+        quantized = max(0, n - spec.residual)
+        residual = KVLayer()
+        residual.scale = layer.scale
+        if quantized < n:
+            residual.append(keys[:, :, quantized:], values[:, :, quantized:], positions[:, 0, quantized:], exact=True)
+            assert residual.positions is not None
+            residual.positions.copy_(positions[:, :, quantized:])
+        out = cls(spec, residual, keys.dtype)
+        out.k_pad = -quantized % spec.group
+        out._set_quantized(keys[:, :, :quantized], values[:, :, :quantized], positions[:, :, :quantized], out.k_pad)
+        out.lengths = layer.lengths.clone()  # type: ignore[union-attr]
+        return out
+
+    def _set_quantized(self, keys: Tensor, values: Tensor, positions: Tensor, pad: int) -> None:
+        self.k_codes, self.k_scale, self.k_zero = _quantize_keys(keys, self.spec, pad)
+        self.v_codes, self.v_scale, self.v_zero = _quantize_values(values, self.spec)
+        self.positions_q = _compact_positions(positions)
+
+    def _flush(self) -> None:
+        """Quantize the residual's oldest complete groups (keeping at least ``spec.residual`` entries)."""
+        res, spec = self.residual, self.spec
+        groups = (res.max_length - spec.residual) // spec.group if res.initialized else 0
+        if groups <= 0:
+            return
+        take = groups * spec.group
+        keys, values, positions = res.view()
+        k = _quantize_keys(keys[:, :, :take], spec, 0)
+        v = _quantize_values(values[:, :, :take], spec)
+        assert self.k_codes is not None and self.v_codes is not None and self.positions_q is not None
+        self.k_codes, self.k_scale, self.k_zero = (torch.cat([a, b], dim=2) for a, b in zip(
+            (self.k_codes, self.k_scale, self.k_zero), k))
+        self.v_codes, self.v_scale, self.v_zero = (torch.cat([a, b], dim=2) for a, b in zip(
+            (self.v_codes, self.v_scale, self.v_zero), v))
+        self.positions_q = _join_positions(self.positions_q, positions[:, :, :take])
+        rest = res.max_length - take
+        idx = torch.arange(take, res.max_length, device=keys.device).expand(*keys.shape[:2], rest)
+        res.keep(idx)
+
+    # ------------------------------------------------------------------ shape and size
+    @property
+    def initialized(self) -> bool:
+        return True
+
+    @property
+    def quantized_length(self) -> int:
+        return 0 if self.k_codes is None else self.k_codes.shape[2]
+
+    @property
+    def max_length(self) -> int:
+        return self.quantized_length + self.residual.max_length
+
+    @property
+    def capacity(self) -> int:
+        return self.quantized_length + self.residual.capacity
+
+    @property
+    def uniform(self) -> bool:
+        return True
+
+    def entries(self) -> int:
+        return 0 if self.lengths is None else int(self.lengths.sum())
+
+    def nbytes(self) -> int:
+        """Every byte held: packed codes, scales, zero points, positions, lengths, residual, state."""
+        tensors = [self.k_codes, self.v_codes, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
+                   self.positions_q, self.lengths, *self.extra.values(), *self.slot_state.values()]
+        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return own + self.residual.nbytes()
+
+    def positions(self) -> Tensor:
+        """int32 ``[B, H, L]`` positions of all entries, quantized first, residual after."""
+        assert self.positions_q is not None and self.k_codes is not None
+        batch, heads = self.k_codes.shape[:2]
+        pos = self.positions_q.to(torch.int32).expand(batch, heads, -1)
+        if self.residual.max_length:
+            pos = torch.cat([pos, self.residual.view()[2]], dim=2)
+        return pos
+
+    def view(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Dequantized keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` of this layer.
+
+        Materialises the layer in its model dtype: for tools and tests; attention does this only on
+        its slow path (prefill chunks, sliding windows), one layer at a time.
+        """
+        keys, values = self.dequantize()
+        if self.residual.max_length:
+            rk, rv, _ = self.residual.view()
+            keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
+        return keys, values, self.positions()
+
+    def valid_mask(self) -> Tensor:
+        assert self.lengths is not None
+        return torch.ones(*self.lengths.shape, self.max_length, dtype=torch.bool, device=self.lengths.device)
+
+    def dequantize(self) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, H, Q, D]`` of the quantized entries, in the model dtype."""
+        assert self.k_codes is not None and self.v_codes is not None
+        spec, q = self.spec, self.quantized_length
+        keys = unpack(self.k_codes, spec.bits).float()  # [B, H, Q, D]
+        k_scale = self.k_scale.float().repeat_interleave(spec.group, dim=2)[:, :, self.k_pad : self.k_pad + q]
+        k_zero = self.k_zero.float().repeat_interleave(spec.group, dim=2)[:, :, self.k_pad : self.k_pad + q]
+        keys = keys * k_scale + k_zero
+        batch, heads, _, dim = keys.shape
+        vg = spec.value_group(dim)
+        values = unpack(self.v_codes, spec.bits).float().view(batch, heads, q, dim // vg, vg)
+        values = values * self.v_scale.float()[..., None] + self.v_zero.float()[..., None]
+        return keys.to(self.dtype), values.view(batch, heads, q, dim).to(self.dtype)
+
+    # ------------------------------------------------------------------ writing
+    def reserve(self, capacity: int) -> None:
+        self.residual.reserve(max(0, capacity - self.quantized_length))
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
+               cap: int | None = None) -> None:
+        """New entries go to the residual (after complete groups of older ones are quantized).
+
+        keys, values: [batch, kv_heads, tokens, head_dim]; positions: [batch, tokens]
+        The residual always grows to exactly the room it needs (``exact`` is implied).
+        """
+        self._flush()
+        self.residual.append(keys, values, positions, exact=True)
+        assert self.lengths is not None
+        self.lengths += keys.shape[2]
+
+    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
+                cap: int | None = None) -> None:
+        raise RuntimeError("a quantized layer does not evict entries one at a time; evict before quantizing")
+
+    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
+        raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
+
+    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
+        raise RuntimeError("a quantized layer keeps no per-entry compressor state")
+
+    # ------------------------------------------------------------------ reading
+    def attend(
+        self,
+        query: Tensor,
+        query_positions: Tensor,
+        scale: float,
+        new_tokens: int,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        want_key_mass: bool = False,
+        mask_cache: dict | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of new queries over this layer (call after ``append``); see ``KVLayer.attend``.
+
+        query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
+        """
+        assert self.positions_q is not None
+        simple = softcap is None and not want_key_mass and query.shape[2] == 1 and self.quantized_length > 0
+        if simple and sliding_window is not None:
+            simple = int(query_positions.max()) - int(self.positions_q.min()) < sliding_window
+        if simple and kernels.available(query, self):
+            return kernels.decode_attention(query, self, scale), None
+        keys, values, positions = self.view()
+        return attend_rows(
+            query, keys, values, positions, query_positions, scale,
+            valid=None, new_tokens=new_tokens, sliding_window=sliding_window,
+            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache,
+        )
+
+    def clone(self) -> QuantizedLayer:
+        out = QuantizedLayer(self.spec, self.residual.clone(), self.dtype)
+        out.scale, out.k_pad = self.scale, self.k_pad
+        for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "positions_q", "lengths"):
+            setattr(out, name, getattr(self, name).clone())
+        out.extra = {k: v.clone() for k, v in self.extra.items()}
+        return out
+
+    # ------------------------------------------------------------------ batching
+    @classmethod
+    def stack(cls, layers: list[QuantizedLayer]) -> QuantizedLayer:
+        """One layer holding the rows of several quantized layers with the same layout.
+
+        Sequences quantized separately can be decoded together only when they hold the same number of
+        quantized and residual entries with the same group alignment (prompts of equal length).
+        """
+        first = layers[0]
+        layout = {(layer.spec, layer.quantized_length, layer.k_pad, layer.residual.max_length) for layer in layers}
+        if len(layout) > 1:
+            raise ValueError(
+                "quantized caches can be decoded in one batch only when their prompts have the same "
+                "length (same quantized groups and residual); decode these requests one at a time"
+            )
+        out = QuantizedLayer(first.spec, KVLayer.stack([layer.residual for layer in layers]), first.dtype)
+        out.scale, out.k_pad = first.scale, first.k_pad
+        for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "lengths"):
+            setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
+        heads = first.k_codes.shape[1]
+        pos = [layer.positions_q.to(torch.int32).expand(-1, heads, -1) for layer in layers]
+        out.positions_q = _compact_positions(torch.cat(pos, dim=0))
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _quantize_keys(keys: Tensor, spec: QuantSpec, pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel quantization of keys ``[B, H, n, D]`` over groups of ``spec.group`` entries.
+
+    ``pad`` virtual entries (copies of the first, so the group's range is unchanged) complete the
+    first group. Returns packed codes ``[B, H, n, P]`` and scale, zero ``[B, H, NG, D]`` float16.
+    """
+    batch, heads, n, dim = keys.shape
+    if n == 0:
+        empty = keys.new_zeros(batch, heads, 0, dim, dtype=PARAM_DTYPE)
+        return keys.new_zeros(batch, heads, 0, dim * spec.bits // 8, dtype=torch.uint8), empty, empty.clone()
+    if pad:
+        keys = torch.cat([keys[:, :, :1].expand(batch, heads, pad, dim), keys], dim=2)
+    groups = keys.shape[2] // spec.group
+    grouped = keys.reshape(batch, heads, groups, spec.group, dim).transpose(3, 4)  # [B, H, NG, D, G]
+    q = quantize(grouped, spec.bits)
+    codes = q.codes.transpose(3, 4).reshape(batch, heads, groups * spec.group, dim)[:, :, pad:]
+    return pack(codes, spec.bits), q.scale[..., 0], q.zero[..., 0]
+
+
+def _quantize_values(values: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-entry quantization of values ``[B, H, n, D]`` in groups of channels.
+
+    Returns packed codes ``[B, H, n, P]`` and scale, zero ``[B, H, n, D / VG]`` float16.
+    """
+    batch, heads, n, dim = values.shape
+    vg = spec.value_group(dim)
+    q = quantize(values.reshape(batch, heads, n, dim // vg, vg), spec.bits)
+    return pack(q.codes.reshape(batch, heads, n, dim), spec.bits), q.scale[..., 0], q.zero[..., 0]
+
+
+def _compact_positions(positions: Tensor) -> Tensor:
+    """``[B, H, n]`` positions in the narrowest form: one row if all heads agree, int16 when they fit."""
+    if positions.shape[1] > 1 and bool((positions == positions[:, :1]).all()):
+        positions = positions[:, :1]
+    small = positions.numel() == 0 or int(positions.max()) <= INT16_MAX
+    return positions.to(torch.int16 if small else torch.int32).contiguous()
+
+
+def _join_positions(old: Tensor, new: Tensor) -> Tensor:
+    heads = max(old.shape[1], new.shape[1])
+    both = torch.cat([old.to(torch.int32).expand(-1, heads, -1), new.to(torch.int32)], dim=2)
+    return _compact_positions(both)
+

@@ -1,0 +1,91 @@
+"""KIVI: keys quantized per channel, values per token, asymmetric, with a full-precision residual.
+
+Paper: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024,
+arXiv:2402.02750.
+
+Keys have outlier *channels*, so each channel is quantized over a group of consecutive tokens; values
+have no such structure and are quantized per token over groups of channels. Tokens that do not yet
+fill a key group stay in full precision and are quantized together once ``group`` of them have
+arrived. Storage and attention live in ``cache/quantized.py``; bytes are really saved (codes packed
+four to a byte at 2 bits, two at 4 bits).
+
+Defaults, chosen for the effective bits per element (``bytes_kept * 8 / stored key and value
+elements``, everything counted: codes, float16 scales and zero points, positions, the residual) on
+the embedded SmolLM2 (head_dim 64): group 128 costs 2 x 16 bits / 128 tokens = 0.25 bits per key
+element and 2 x 16 / 64 channels = 0.5 bits per value element, 0.375 bits on average; int16
+positions shared by the heads add about 0.04. The residual is stored in the model dtype (float32 for
+the embedded model, 30 bits over a 2-bit entry), so ``residual`` defaults to 0: the prompt is fully
+quantized and only decoded tokens wait in full precision until a group fills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...cache import KVLayer, QuantizedLayer, QuantSpec
+from ...errors import ConfigError
+from ..registry import register
+from .base import Quantizer
+
+PAPER = ("Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache, ICML 2024, "
+         "arXiv:2402.02750")
+
+
+@dataclass
+class KIVI(Quantizer):
+    """KIVI quantization: keys per channel, values per token, full-precision residual.
+
+    bits: bits per code (2, 4 or 8), fixed by the registered name (kivi2, kivi4, kivi8)
+    group: tokens per key group; values use groups of min(group, head_dim) channels
+    residual: newest entries kept in full precision besides a group still filling
+    """
+
+    bits: int = field(default=2, init=False)
+    group: int = 128
+    residual: int = 0
+
+    paper = PAPER
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group < 1:
+            raise ConfigError(f"{self.name} group must be >= 1 tokens, got {self.group}")
+        if self.residual < 0:
+            raise ConfigError(f"{self.name} residual must be >= 0 tokens, got {self.residual}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group=self.group, residual=self.residual)
+
+    def params(self) -> str:
+        return f"group={self.group}, residual={self.residual}"
+
+    def quantize(self, layer: KVLayer) -> QuantizedLayer:
+        return QuantizedLayer.from_layer(layer, self.spec)
+
+
+@register
+@dataclass
+class KIVI2(KIVI):
+    """KIVI at 2 bits per key and value code (four codes per byte)."""
+
+    bits: int = field(default=2, init=False)
+    name = "kivi2"
+
+
+@register
+@dataclass
+class KIVI4(KIVI):
+    """KIVI at 4 bits per key and value code (two codes per byte)."""
+
+    bits: int = field(default=4, init=False)
+    name = "kivi4"
+
+
+@register
+@dataclass
+class KIVI8(KIVI):
+    """KIVI at 8 bits per key and value code."""
+
+    bits: int = field(default=8, init=False)
+    name = "kivi8"
