@@ -95,3 +95,13 @@ def test_quantized_and_composed_methods_run_beside_the_batch(llama):
     assert {r.method for r in results} == {"none", "kivi4", "snapkv+kivi2", "knorm"}
     kept = {(r.method, r.question_aware): r.bytes_kept / r.bytes_full for r in results}
     assert kept[("kivi4", False)] < 0.5 and kept[("snapkv+kivi2", False)] < kept[("kivi4", False)]
+
+
+def test_a_line_cut_short_is_recomputed(llama, tmp_path):
+    out = tmp_path / "results.jsonl"
+    engine = Engine(llama, ToyTokenizer())
+    Runner(engine, max_new_tokens=3, out=out, run="t").evaluate(samples(1), [MethodSpec("knorm", 0.5)], False)
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1][:40])  # killed while writing the second result
+    again = Runner(engine, max_new_tokens=3, out=out, run="t").evaluate(samples(1), [MethodSpec("knorm", 0.5)], False)
+    assert len(again) == 1 and len(load_results(out)) == 2

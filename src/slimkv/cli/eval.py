@@ -220,8 +220,8 @@ def run_suite(args: argparse.Namespace) -> int:
     bar = _progress(total, "eval suite")
     for task, samples in plan:
         runner = Runner(engine, args.max_new_tokens, results, _run_label(args, task))
-        for setting in settings:
-            runner.evaluate(samples, methods, setting == "aware", on_result=lambda r: bar.update())
+        # both settings of a sample share its context's prefill (see evals/runner.py)
+        runner.evaluate(samples, methods, tuple(s == "aware" for s in settings), on_result=lambda r: bar.update())
     bar.close()
     board, pngs = write_report(results, out, command="slimkv " + " ".join(sys.argv[1:]))
     print(f"wrote {results}, {board} and {len(pngs)} plots in {out}")

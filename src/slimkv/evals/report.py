@@ -42,7 +42,14 @@ class Cell:
 
 
 def load_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every complete result line (a line cut short by an interrupted run is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def aggregate(rows: list[dict]) -> list[Cell]:
@@ -92,12 +99,17 @@ def leaderboard(cells: list[Cell]) -> str:
         rows: dict[str, dict[int, Cell]] = defaultdict(dict)
         for c in cs:
             rows[c.label][c.length] = c
+        most = max(c.samples for c in cs)
+
+        def cell(c: Cell) -> str:  # cells of an unfinished run say how many samples they hold
+            return f"{c.score:.2f}" if c.samples == most else f"{c.score:.2f} (n={c.samples})"
+
         for label, per_len in rows.items():
             present = list(per_len.values())
             score = mean(c.score for c in present)
             full = mean(c.full_score for c in present)
             rel = f"{score / full:.0%}" if full else "-"
-            cols = " | ".join(f"{per_len[n].score:.2f}" if n in per_len else "-" for n in lengths)
+            cols = " | ".join(cell(per_len[n]) if n in per_len else "-" for n in lengths)
             lines.append(f"| {label} | {cols} | {score:.3f} | {rel} | "
                          f"{mean(c.kept_fraction for c in present):.2f} | {mean(c.seconds for c in present):.1f} |")
         samples = sorted({c.samples for c in cs})

@@ -119,13 +119,19 @@ class Runner:
     run: str = ""
     batch_size: int = 32
     _done: set = field(default_factory=set, init=False)
+    _cut: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.out is not None and self.out.exists():
-            for line in self.out.read_text().splitlines():
+            text = self.out.read_text()
+            self._cut = bool(text) and not text.endswith("\n")
+            for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():
-                    row = json.loads(line)
-                    self._done.add(EvalResult(**row).key())
+                    try:
+                        self._done.add(EvalResult(**json.loads(line)).key())
+                    except (ValueError, TypeError):  # a line cut short by an interrupted run: redo it
+                        log.warning("%s line %d is not a complete result; it will be recomputed",
+                                    self.out, number)
 
     def evaluate(self, samples: Iterable[EvalSample], methods: list[MethodSpec],
                  question_aware: bool | Sequence[bool] = False,
@@ -247,6 +253,9 @@ class Runner:
         if self.out is not None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             with self.out.open("a") as f:
+                if self._cut:  # never append to the tail of a line cut short
+                    f.write("\n")
+                    self._cut = False
                 f.write(json.dumps(dataclasses.asdict(row)) + "\n")
 
 
