@@ -1,6 +1,6 @@
 """The KV cache slimkv owns: per-layer storage with explicit positions and real byte accounting."""
 
-from .cache import CacheSpec, CacheStats, SlimCache
+from .cache import CacheMark, CacheSpec, CacheStats, SlimCache
 from .layer import KVLayer
 
-__all__ = ["CacheSpec", "CacheStats", "KVLayer", "SlimCache"]
+__all__ = ["CacheMark", "CacheSpec", "CacheStats", "KVLayer", "SlimCache"]

@@ -168,7 +168,12 @@ class Engine:
         reqs = [requests] if isinstance(requests, (Request, Segments)) else list(requests)
         if not reqs:
             raise InputError("no request to generate for")
-        return Generation(self, reqs, config or GenerationConfig(), progress)
+        config = config or GenerationConfig()
+        if config.lossless is not None:
+            from ..spec.loop import LosslessGeneration
+
+            return LosslessGeneration(self, reqs, config, progress)
+        return Generation(self, reqs, config, progress)
 
     def continue_from(self, cache: SlimCache, logits: torch.Tensor, segments: Segments,
                       config: GenerationConfig | None = None) -> GenerationResult:
