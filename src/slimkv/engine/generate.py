@@ -180,8 +180,16 @@ class Engine:
         """Decode from an already prefilled (and compressed) one-sequence cache.
 
         logits: [1, vocab] of the prompt's last token; segments: the prompt it holds (for counts).
+        With ``config.lossless``, ``cache`` must be the *uncompressed* prefill (observed by the
+        compressor): it becomes the full view, and a compressed copy the draft view.
         """
-        gen = Generation(self, [segments], config or GenerationConfig(), None, prepared=[(cache, logits)])
+        config = config or GenerationConfig()
+        if config.lossless is not None:
+            from ..spec.loop import LosslessGeneration
+
+            gen: Generation = LosslessGeneration(self, [segments], config, None, prepared=[(cache, logits)])
+        else:
+            gen = Generation(self, [segments], config, None, prepared=[(cache, logits)])
         for _ in gen:
             pass
         return gen.results[0]

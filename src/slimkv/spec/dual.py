@@ -160,6 +160,7 @@ class DualCache:
         self.compressor = compressor
         self._draft_mark: CacheMark | None = None
         self._full_mark: CacheMark | None = None
+        self._verified: SlimCache | None = None  # the full view the last verify pass ran on
 
     @property
     def seen(self) -> int:
@@ -173,7 +174,7 @@ class DualCache:
 
     def verify(self, adapter, tokens: list[int]) -> Tensor:
         """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``."""
-        cache = self.full.cache()
+        cache = self._verified = self.full.cache()
         self._full_mark = cache.mark()
         first = cache.seen[0]
         positions = torch.arange(first, first + len(tokens), device=adapter.device)[None]  # [1, T]
@@ -186,11 +187,11 @@ class DualCache:
     def commit(self, kept: int) -> None:
         """Keep the first ``kept`` verified tokens in both views; forget every other speculative entry."""
         assert self._draft_mark is not None and self._full_mark is not None, "commit needs begin and verify"
-        full = self.full.cache()
+        full = self._verified
         full.rollback(self._full_mark, kept)
         self.draft.rollback(self._draft_mark)
         self.copy_tail(full, kept)
-        self._draft_mark = self._full_mark = None
+        self._draft_mark = self._full_mark = self._verified = None
 
     @torch.inference_mode()
     def copy_tail(self, full: SlimCache, tokens: int) -> None:
@@ -212,17 +213,26 @@ def make_full_view(spec: str) -> FullView:
     return DiskFullView(spec.removeprefix("disk:"))
 
 
-def prepare_dual(engine, segments, full_view: FullView, room: int, progress=None) -> tuple[DualCache, Tensor]:
+def prepare_dual(engine, segments, full_view: FullView, room: int, progress=None,
+                 prefilled: tuple[SlimCache, Tensor] | None = None) -> tuple[DualCache, Tensor]:
     """Prefill a request once into both views; returns them and the prompt's last logits ``[1, vocab]``.
 
     The compressor observes the context prefill (SnapKV's window, H2O's attention mass) without
     touching the full cache; the draft view is a compressed copy. A question is prefilled over the
     full view and its exact KV copied into the draft view.
+    prefilled: an uncompressed cache of the whole prompt and its last logits, already observed by the
+               compressor (prefill once, decode many); it becomes the full view.
     """
     engine.check_length(segments)
     comp = engine.compressor
-    full = engine.new_cache()
-    logits = engine.prefill(full, segments.context, progress=progress, total=segments.total)
+    if prefilled is not None:
+        full, logits = prefilled
+        if full.seen != [segments.total]:
+            raise ValueError(f"the prefilled cache holds {full.seen} tokens, the prompt {segments.total}")
+        segments = type(segments)(list(segments.context) + list(segments.question), [])
+    else:
+        full = engine.new_cache()
+        logits = engine.prefill(full, segments.context, progress=progress, total=segments.total)
     draft = full.clone()
     if comp is not None and (comp.active("prefill") or comp.active("decode")):
         engine.compress(draft, "prefill")
@@ -234,5 +244,7 @@ def prepare_dual(engine, segments, full_view: FullView, room: int, progress=None
         logits = engine.prefill(full, segments.question, progress=progress, done=len(segments.context),
                                 total=segments.total, observers=())
         dual.copy_tail(full, len(segments.question))
+    for layer in draft.layers:  # room for the answer and one draft, so no growth block is added
+        layer.reserve(layer.max_length + room)
     full_view.open(full, room)
     return dual, logits

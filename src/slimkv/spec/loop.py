@@ -56,7 +56,8 @@ class LosslessGeneration(Generation):
             with engine.adapter.attached():
                 t0 = time.perf_counter()
                 dual, logits = prepare_dual(engine, row.segments, full_view,
-                                            room=budget + lcfg.max_draft_tokens + 1, progress=self.progress)
+                                            room=budget + lcfg.max_draft_tokens + 1, progress=self.progress,
+                                            prefilled=row.prepared)
                 after_prefill = dual.draft.stats()
                 prefill_s = time.perf_counter() - t0
                 history = list(row.segments.context) + list(row.segments.question)
