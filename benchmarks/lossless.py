@@ -35,7 +35,7 @@ from slimkv.evals.haystacks import load_haystack
 from slimkv.spec.datastore import Datastore, tokenizer_fingerprint
 
 RESULTS = Path(__file__).parent / "results"
-CODE_FILE = Path(slimkv.__file__).parent / "cache" / "layer.py"
+CODE_FILE = Path(slimkv.__file__).parent / "compressors" / "base.py"
 
 
 def long_prompt(tokenizer, n: int) -> list[int]:
@@ -155,7 +155,7 @@ def main() -> int:
             if task == "long":
                 ids, drafters = long_prompt(tokenizer, args.context), ["self", "prompt", "auto"]
             else:
-                ids, drafters = code_prompt(tokenizer), ["self", "prompt", f"rest:{ds}", "auto", f"auto:{ds}"]
+                ids, drafters = code_prompt(tokenizer), ["self", "prompt", f"rest:{ds}", f"auto:{ds}"]
             report["tasks"][task] = run_task(model, tokenizer, ids, args.new_tokens, drafters)
             Path(args.out + ".json").write_text(json.dumps(report, indent=1))
             Path(args.out + ".md").write_text(markdown(report))

@@ -50,7 +50,9 @@ def references(smollm):
 
 
 @pytest.mark.parametrize("name", names())
-def test_greedy_lossless_equals_full_cache(smollm, references, name):
+def test_greedy_lossless_equals_full_cache(smollm, references, name, request):
+    if not request.config.getoption("--lossless-matrix"):
+        pytest.skip("the full embedded matrix runs with --lossless-matrix")
     engine = Engine(*smollm, compressor=slimkv.make_compressor(name, ratio=0.875))
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True, lossless=LosslessConfig(drafter="self"))
     for prompt, reference in zip(PROMPTS, references):
@@ -65,11 +67,42 @@ def test_greedy_lossless_equals_full_cache(smollm, references, name):
             assert result.cache.bytes_kept < spec.full_view_bytes
 
 
-@pytest.mark.parametrize("drafter", ["prompt", "auto"])
-def test_lookup_drafters_lossless(smollm, references, drafter):
+def test_snapkv_self_and_auto_drafting_on_one_prompt(smollm):
+    reference = Engine(*smollm).generate(Request(PROMPTS[0]), GenerationConfig(max_new_tokens=48, ignore_eos=True))
     engine = Engine(*smollm, compressor=slimkv.make_compressor("snapkv", ratio=0.875))
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True,
-                              lossless=LosslessConfig(drafter=drafter))
-    result = engine.generate(Request(PROMPTS[0]), config)
-    assert result.token_ids == references[0]
-    assert result.spec.drafted > 0
+    for drafter in ("self", "auto"):
+        config = GenerationConfig(max_new_tokens=48, ignore_eos=True, lossless=LosslessConfig(drafter=drafter))
+        result = engine.generate(Request(PROMPTS[0]), config)
+        assert result.token_ids == reference.token_ids
+        assert result.spec.drafted > 0
+
+
+def test_cli_lossless_json_and_datastore(capsys, tmp_path):
+    import json
+
+    from slimkv.cli.main import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PROMPTS[2] * 3)
+    store = tmp_path / "shop.skv"
+    assert main(["datastore", "build", str(corpus), "--out", str(store), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["tokens"] > 100 and store.is_file()
+    args = ["generate", "--prompt", PROMPTS[2], "--compressor", "snapkv", "--ratio", "0.875",
+            "--max-new-tokens", "12", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "spec" not in plain
+    for drafter in ("self", f"rest:{store}"):
+        assert main(args + ["--lossless", "--drafter", drafter]) == 0
+        out = json.loads(capsys.readouterr().out)
+        full = main(["generate", "--prompt", PROMPTS[2], "--max-new-tokens", "12", "--json"]) if drafter == "self" else 0
+        if drafter == "self":
+            ref = json.loads(capsys.readouterr().out)
+            assert full == 0 and out["text"] == ref["text"]
+        spec = out["spec"]
+        assert set(spec) >= {"drafted", "accepted", "verify_passes", "mean_accepted_per_pass"}
+        assert spec["full_view"]["location"] == "memory"
+        assert out["kv"]["bytes_kept"] < spec["full_view"]["bytes"]
+    assert main(args + ["--drafter", "prompt"]) == 2
+    assert "--lossless" in capsys.readouterr().err
