@@ -109,12 +109,12 @@ def run_task(model, tokenizer, ids: list[int], new: int, drafters: list[str]) ->
 
 def markdown(report: dict) -> str:
     out = ["# Lossless decoding (VeriCache-style) vs full-cache decoding", "",
-           f"Command: `{report['command']}`", "",
+           f"Last command: `{report['command']}`", "",
            f"Machine: {report['machine']}; torch threads {report['threads']}. Shared CPU: absolute tok/s are "
            "noisy, ratios within one task are taken in the same run.", ""]
     for task, t in report["tasks"].items():
         out += [f"## {task}: {t['prompt_tokens']} prompt tokens, {t['new_tokens']} new tokens "
-                f"(prefill {t['prefill_s']} s)", "",
+                f"(prefill {t['prefill_s']} s)", "", f"Command: `{t.get('command', report['command'])}`", "",
                 "| config | tok/s | x full | identical | drafted | accepted | passes | accepted/pass | "
                 "draft view (fast tier) | full view |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
@@ -142,21 +142,29 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=8000)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--tasks", default="long,code")
+    ap.add_argument("--long-drafters", default="self,prompt,auto", help="drafters of the long task")
     ap.add_argument("--out", default=str(RESULTS / "lossless"))
     args = ap.parse_args()
     model, tokenizer = slimkv.load_model()
-    report = {"command": "python " + " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
+    command = "python " + " ".join(sys.argv)
+    report = {"command": command, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "tasks": {}}
+    previous = Path(args.out + ".json")
+    if previous.is_file():  # tasks measured by an earlier invocation are kept (each records its command)
+        old = json.loads(previous.read_text())
+        for name, task in old.get("tasks", {}).items():
+            report["tasks"][name] = {"command": task.get("command", old.get("command")), **task}
     with tempfile.TemporaryDirectory() as tmp:
         ds = Path(tmp) / "code.skv"
         report["datastore"] = build_datastore(tokenizer, ds)
         for task in args.tasks.split(","):
             print(f"task {task}", file=sys.stderr)
             if task == "long":
-                ids, drafters = long_prompt(tokenizer, args.context), ["self", "prompt", "auto"]
+                ids, drafters = long_prompt(tokenizer, args.context), args.long_drafters.split(",")
             else:
                 ids, drafters = code_prompt(tokenizer), ["self", "prompt", f"rest:{ds}", f"auto:{ds}"]
-            report["tasks"][task] = run_task(model, tokenizer, ids, args.new_tokens, drafters)
+            report["tasks"][task] = {"command": command,
+                                     **run_task(model, tokenizer, ids, args.new_tokens, drafters)}
             Path(args.out + ".json").write_text(json.dumps(report, indent=1))
             Path(args.out + ".md").write_text(markdown(report))
     return 0

@@ -168,14 +168,17 @@ class RestDrafter(Drafter):
     """REST: the most frequent continuation of the longest suffix found in a datastore.
 
     store: a loaded :class:`~slimkv.spec.datastore.Datastore`; max_suffix: longest suffix tried
+    min_match: shortest suffix match worth a draft (a 1-token match mostly proposes noise, and a
+               rejected draft still costs its verify pass)
     """
 
     store: object
     max_suffix: int = 16
+    min_match: int = 2
     name = "rest"
 
     def propose(self, req: DraftRequest) -> Draft:
-        match, tokens = self.store.draft(req.history[-self.max_suffix :], req.limit)
+        match, tokens = self.store.draft(req.history[-self.max_suffix :], req.limit, self.min_match)
         return Draft(tokens, self.name, match=match)
 
 
