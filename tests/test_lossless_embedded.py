@@ -42,17 +42,17 @@ def smollm():
 
 
 @pytest.fixture(scope="module")
-def references(smollm):
+def references(smollm, request):
     """Plain full-cache greedy decoding (``--compressor none``) of every prompt."""
+    if not request.config.getoption("--lossless-matrix"):
+        pytest.skip("the full embedded matrix runs with --lossless-matrix")
     engine = Engine(*smollm)
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     return [engine.generate(Request(p), config).token_ids for p in PROMPTS]
 
 
 @pytest.mark.parametrize("name", names())
-def test_greedy_lossless_equals_full_cache(smollm, references, name, request):
-    if not request.config.getoption("--lossless-matrix"):
-        pytest.skip("the full embedded matrix runs with --lossless-matrix")
+def test_greedy_lossless_equals_full_cache(smollm, references, name):
     engine = Engine(*smollm, compressor=slimkv.make_compressor(name, ratio=0.875))
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True, lossless=LosslessConfig(drafter="self"))
     for prompt, reference in zip(PROMPTS, references):
