@@ -62,3 +62,11 @@ def toy_tokenizer():
 def prompt_ids(n: int, seed: int = 0, vocab: int = 128) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, vocab, (n,), generator=g).tolist()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--lossless-matrix", action="store_true",
+        help="run the embedded-model lossless equality matrix (every compressor x 5 prompts x 128 tokens; "
+             "minutes per compressor on a 2-core CPU)",
+    )

@@ -13,7 +13,7 @@ import logging
 
 from .cache import CacheStats, SlimCache
 from .compressors import Compressor, make_compressor, methods
-from .engine import Engine, GenerationConfig, GenerationResult, Request, SamplingConfig
+from .engine import Engine, GenerationConfig, GenerationResult, LosslessConfig, Request, SamplingConfig
 from .errors import ConfigError, InputError, ModelError, SlimKVError
 from .models import DEFAULT_MODEL, load_model
 
@@ -23,6 +23,6 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "DEFAULT_MODEL", "CacheStats", "Compressor", "ConfigError", "Engine", "GenerationConfig",
-    "GenerationResult", "InputError", "ModelError", "Request", "SamplingConfig", "SlimCache",
+    "GenerationResult", "InputError", "LosslessConfig", "ModelError", "Request", "SamplingConfig", "SlimCache",
     "SlimKVError", "load_model", "make_compressor", "methods",
 ]

@@ -1,7 +1,7 @@
 """The KV cache slimkv owns: per-layer storage with explicit positions and real byte accounting."""
 
-from .cache import CacheSpec, CacheStats, SlimCache
+from .cache import CacheMark, CacheSpec, CacheStats, SlimCache
 from .layer import KVLayer
 from .quantized import QuantizedLayer, QuantSpec
 
-__all__ = ["CacheSpec", "CacheStats", "KVLayer", "QuantizedLayer", "QuantSpec", "SlimCache"]
+__all__ = ["CacheMark", "CacheSpec", "CacheStats", "KVLayer", "QuantizedLayer", "QuantSpec", "SlimCache"]

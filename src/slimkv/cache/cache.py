@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .layer import KVLayer
 from .quantized import QuantizedLayer
@@ -34,6 +35,14 @@ class CacheStats:
     @property
     def saved_fraction(self) -> float:
         return 0.0 if self.bytes_full == 0 else 1.0 - self.bytes_kept / self.bytes_full
+
+
+@dataclass(frozen=True)
+class CacheMark:
+    """Where a cache stood: per layer the entries of every row (``[batch, kv_heads]``), and ``seen``."""
+
+    lengths: tuple[Tensor | None, ...]
+    seen: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,24 @@ class SlimCache:
         out.layers = [layer.clone() for layer in self.layers]
         out.seen = list(self.seen)
         return out
+
+    def mark(self) -> CacheMark:
+        """Remember where the cache stands, to :meth:`rollback` to it after speculative appends."""
+        return CacheMark(
+            lengths=tuple(None if layer.lengths is None else layer.lengths.clone() for layer in self.layers),
+            seen=tuple(self.seen),
+        )
+
+    def rollback(self, mark: CacheMark, keep: int = 0) -> None:
+        """Drop what was appended since ``mark`` except the first ``keep`` tokens of every sequence.
+
+        Valid only when every layer was only appended to since the mark (see ``KVLayer.truncate``).
+        Afterwards the cache is, entry for entry, the one at the mark plus those ``keep`` tokens.
+        """
+        for layer, lengths in zip(self.layers, mark.lengths):
+            if lengths is not None:
+                layer.truncate(lengths + keep)
+        self.seen = [n + keep for n in mark.seen]
 
     @classmethod
     def stack(cls, caches: list[SlimCache]) -> SlimCache:

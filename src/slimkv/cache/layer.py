@@ -120,6 +120,26 @@ class KVLayer:
         self.keys, self.values, self.positions = grow(self.keys), grow(self.values), grow(self.positions)
         self.slot_state = {k: grow(v) for k, v in self.slot_state.items()}
 
+    def rehome(self, capacity: int, alloc) -> None:
+        """Move keys, values and positions into storage handed out by ``alloc`` (e.g. a mapped file).
+
+        alloc: ``[(shape, dtype), ...] -> [Tensor, ...]`` for keys, values and positions of
+        ``capacity`` slots per row. Valid slots are copied; per-entry state stays in memory. A later
+        growth past ``capacity`` moves the layer back to ordinary memory, so reserve enough.
+        """
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        n = self._max_len
+        capacity = max(capacity, n)
+        b, h, _, d = self.keys.shape
+        keys, values, positions = alloc([((b, h, capacity, d), self.keys.dtype),
+                                         ((b, h, capacity, d), self.values.dtype),
+                                         ((b, h, capacity), self.positions.dtype)])
+        keys[:, :, :n] = self.keys[:, :, :n]
+        values[:, :, :n] = self.values[:, :, :n]
+        positions[:, :, :n] = self.positions[:, :, :n]
+        self.keys, self.values, self.positions = keys, values, positions
+        self.slot_state = {}
+
     def _ensure_room(self, extra: int, exact: bool, cap: int | None = None) -> None:
         """Grow to hold ``extra`` more entries: exactly, or by ``GROWTH_BLOCK`` but never past ``cap``."""
         needed = self._max_len + extra
@@ -214,6 +234,20 @@ class KVLayer:
         self.slot_state = {k: v.gather(2, indices) for k, v in self.slot_state.items()}
         k = indices.shape[-1]
         self.lengths = lengths.clone() if lengths is not None else torch.full_like(self.lengths, k)
+        self._refresh_lengths()
+
+    def truncate(self, lengths: Tensor) -> None:
+        """Forget the entries appended since a row held ``lengths`` entries (speculative rollback).
+
+        lengths: [batch, kv_heads], at most the current lengths. Valid only when, since the row held
+        ``lengths`` entries, it was only appended to (no ``replace`` or ``keep``): the dropped entries
+        are then exactly the slots ``[lengths, current)``, and what remains is bit for bit the row as
+        it was. Free slots are kept allocated (``nbytes`` counts them, as after any growth).
+        """
+        assert self.lengths is not None
+        if bool((lengths > self.lengths).any()):
+            raise ValueError("truncate can only drop entries, not add them")
+        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
         self._refresh_lengths()
 
     def _refresh_lengths(self) -> None:

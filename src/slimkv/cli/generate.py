@@ -41,6 +41,17 @@ def add_parser(sub) -> None:
                    help="reuse prompt KV through a store: memory, disk:PATH, redis://HOST:PORT, or a "
                         "comma-separated stack of them (e.g. memory,disk:PATH)")
     p.add_argument("--tenant", default="default", help="store namespace of this user (default 'default')")
+    p.add_argument("--lossless", action="store_true",
+                   help="draft with the compressed cache (or a lookup), keep only tokens the full cache "
+                        "verifies: output identical to full-cache decoding")
+    p.add_argument("--drafter", default="self", metavar="NAME",
+                   help="with --lossless: self (the compressed cache drafts, default), prompt (n-gram lookup "
+                        "in the prompt), rest:PATH (a datastore from `slimkv datastore build`), auto "
+                        "(a long lookup match, else self), auto:PATH (adds a REST datastore)")
+    p.add_argument("--draft-tokens", type=int, default=8, metavar="K",
+                   help="with --lossless: longest draft per verify pass (default 8)")
+    p.add_argument("--full-view", default="memory", metavar="WHERE",
+                   help="with --lossless: where the full cache lives, memory (default) or disk:DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.set_defaults(func=run)
 
@@ -64,11 +75,25 @@ def build_request(args: argparse.Namespace):
     return Request(context=context, question=question, chat=args.chat)
 
 
+def lossless_config(args: argparse.Namespace):
+    from ..engine import LosslessConfig
+
+    if not args.lossless:
+        if args.drafter != "self" or args.full_view != "memory":
+            raise InputError("--drafter and --full-view go with --lossless")
+        return None
+    if args.store:
+        raise InputError("--lossless does not reuse stored KV yet; drop --store")
+    return LosslessConfig(drafter=args.drafter, draft_tokens=min(4, args.draft_tokens),
+                          max_draft_tokens=args.draft_tokens, full_view=args.full_view)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..engine import Engine, GenerationConfig, SamplingConfig
     from ..models import load_model
 
     compressor = build_compressor(args)
+    lossless = lossless_config(args)
     request = build_request(args)
     if not (request.context + request.question).strip():
         raise InputError("the prompt is empty; give some text to generate from")
@@ -76,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
         stop=tuple(args.stop),
+        lossless=lossless,
     )
     stack = open_store(args.store) if args.store else None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -113,9 +139,22 @@ def to_json(result, compressor) -> dict:
                    "decode_tokens_per_s": round(t.decode_tokens_per_s, 2)},
         "compressor": compressor.describe(),
         "finish_reason": result.finish_reason,
+        **({"spec": spec_json(result.spec)} if result.spec is not None else {}),
         **({"store": {"hit_tokens": result.store.hit_tokens, "miss_tokens": result.store.miss_tokens,
                       "load_s": round(result.store.load_s, 4), "saved_s": round(result.store.saved_s, 4)}}
            if result.store is not None else {}),
+    }
+
+
+def spec_json(spec) -> dict:
+    return {
+        "drafted": spec.drafted, "accepted": spec.accepted, "verify_passes": spec.verify_passes,
+        "mean_accepted_per_pass": round(spec.mean_accepted_per_pass, 3),
+        "by_drafter": {name: {"verify_passes": p, "drafted": d, "accepted": a}
+                       for name, (p, d, a) in spec.by_drafter.items()},
+        "draft_view_bytes": spec.draft_view_bytes,
+        "full_view": {"location": spec.full_view_location, "bytes": spec.full_view_bytes},
+        "fallback": spec.fallback,
     }
 
 
@@ -131,4 +170,9 @@ def summary(result, compressor) -> str:
         f"   speed: prefill {t.prefill_s:.2f} s ({prefill_rate:.0f} tok/s), first token {t.ttft_s:.2f} s, "
         f"decode {t.decode_tokens_per_s:.1f} tok/s",
     ] + ([f"   store: {result.store.hit_tokens} prompt tokens reused ({result.store.load_s:.2f} s to load), "
-          f"{result.store.miss_tokens} computed"] if result.store is not None else []))
+          f"{result.store.miss_tokens} computed"] if result.store is not None else [])
+      + ([f"   lossless: {result.spec.accepted} of {result.spec.drafted} drafted tokens accepted in "
+          f"{result.spec.verify_passes} verify passes ({result.spec.mean_accepted_per_pass:.2f} per pass); "
+          f"full view {human_bytes(result.spec.full_view_bytes)} in {result.spec.full_view_location}"
+          + (" (FAILED: finished with plain full-cache decoding)" if result.spec.fallback else "")]
+         if result.spec is not None else []))

@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..errors import SlimKVError
-from . import demo, eval, generate, methods, store
+from . import datastore, demo, eval, generate, methods, store
 from .common import setup_logging
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     store.add_parser(sub)
     eval.add_parser(sub)
+    datastore.add_parser(sub)
     return parser
 
 

@@ -2,11 +2,11 @@
 
 from .generate import Engine
 from .loop import Generation
-from .results import GenerationConfig, GenerationResult, TextDelta, Timing
+from .results import GenerationConfig, GenerationResult, LosslessConfig, SpecStats, TextDelta, Timing
 from .prompts import Request, Segments
 from .sampling import Sampler, SamplingConfig
 
 __all__ = [
-    "Engine", "Generation", "GenerationConfig", "GenerationResult", "Request", "Sampler",
-    "SamplingConfig", "Segments", "TextDelta", "Timing",
+    "Engine", "Generation", "GenerationConfig", "GenerationResult", "LosslessConfig", "Request", "Sampler",
+    "SamplingConfig", "Segments", "SpecStats", "TextDelta", "Timing",
 ]

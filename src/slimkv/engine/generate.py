@@ -168,15 +168,28 @@ class Engine:
         reqs = [requests] if isinstance(requests, (Request, Segments)) else list(requests)
         if not reqs:
             raise InputError("no request to generate for")
-        return Generation(self, reqs, config or GenerationConfig(), progress)
+        config = config or GenerationConfig()
+        if config.lossless is not None:
+            from ..spec.loop import LosslessGeneration
+
+            return LosslessGeneration(self, reqs, config, progress)
+        return Generation(self, reqs, config, progress)
 
     def continue_from(self, cache: SlimCache, logits: torch.Tensor, segments: Segments,
                       config: GenerationConfig | None = None) -> GenerationResult:
         """Decode from an already prefilled (and compressed) one-sequence cache.
 
         logits: [1, vocab] of the prompt's last token; segments: the prompt it holds (for counts).
+        With ``config.lossless``, ``cache`` must be the *uncompressed* prefill (observed by the
+        compressor): it becomes the full view, and a compressed copy the draft view.
         """
-        gen = Generation(self, [segments], config or GenerationConfig(), None, prepared=[(cache, logits)])
+        config = config or GenerationConfig()
+        if config.lossless is not None:
+            from ..spec.loop import LosslessGeneration
+
+            gen: Generation = LosslessGeneration(self, [segments], config, None, prepared=[(cache, logits)])
+        else:
+            gen = Generation(self, [segments], config, None, prepared=[(cache, logits)])
         for _ in gen:
             pass
         return gen.results[0]

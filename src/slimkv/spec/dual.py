@@ -1,0 +1,250 @@
+"""The dual cache of lossless decoding: a compressed draft view and the full view in a slower tier.
+
+After VeriCache ("VeriCache: Turning Lossy KV Cache into Lossless LLM Inference", 2026): drafts are
+cheap reads of the compressed cache; every verification reads the full cache, and the exact KV the
+verify pass computed for the accepted tokens is written into *both* views, so the draft view never
+drifts from what full-cache decoding would hold (it only lacks the evicted entries).
+
+Contract (the lossless loop, ``spec/loop.py``, is the only caller):
+
+1. :func:`prepare_dual` prefills the prompt once into a full cache (letting the compressor observe),
+   compresses a copy into the draft view, and moves the full cache into its :class:`FullView`.
+2. Per round: :meth:`DualCache.begin` marks both views; a drafter may append speculative tokens to
+   the draft view; :meth:`DualCache.verify` appends the pending token and the draft to the full view
+   in one forward pass and returns their logits; :meth:`DualCache.commit` keeps the accepted tokens
+   in the full view, drops every speculative entry of the draft view and writes the full view's exact
+   KV of the accepted tokens into it (then lets a decode-phase compressor evict to its budget).
+3. A full view that cannot be read raises :class:`FullViewUnavailable`; the loop then falls back to
+   plain full-cache decoding and never emits an unverified token.
+
+Shapes: both views hold one sequence (batch 1); ``verify`` takes ``T`` token ids and returns
+logits ``[T, vocab]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..cache import CacheMark, SlimCache
+from ..compressors import Compressor
+from ..engine.forward import ForwardContext
+from ..errors import SlimKVError
+
+log = logging.getLogger(__name__)
+
+
+class FullViewUnavailable(SlimKVError):
+    """The full view's tier cannot be read; lossless decoding must not go on with it."""
+
+
+class FullView(ABC):
+    """Where the full (uncompressed) cache lives between verify passes.
+
+    Contract: ``open(cache, room)`` once, taking ownership of the prefilled full cache (``room``:
+    tokens it will still grow by); ``cache()`` before every verify pass, returning the
+    :class:`SlimCache` to run the pass on or raising :class:`FullViewUnavailable`; ``nbytes()`` and
+    ``location`` for reports; ``close()`` last.
+    """
+
+    location: str = "memory"
+
+    @abstractmethod
+    def open(self, cache: SlimCache, room: int) -> None: ...
+
+    @abstractmethod
+    def cache(self) -> SlimCache: ...
+
+    def nbytes(self) -> int:
+        return self.cache().stats().bytes_kept
+
+    def close(self) -> None:
+        """Release the tier's resources."""
+
+
+class MemoryFullView(FullView):
+    """The full view in host memory, apart from the draft view (the CPU machine's slower tier)."""
+
+    location = "memory"
+
+    def __init__(self) -> None:
+        self._cache: SlimCache | None = None
+
+    def open(self, cache: SlimCache, room: int) -> None:
+        for layer in cache.layers:
+            layer.reserve(layer.max_length + room)
+        self._cache = cache
+
+    def cache(self) -> SlimCache:
+        if self._cache is None:
+            raise FullViewUnavailable("the full view was never opened")
+        return self._cache
+
+
+class DiskFullView(MemoryFullView):
+    """The full view in memory-mapped files, one per layer, for contexts that do not fit in memory.
+
+    Each layer's keys, values and positions are moved into a file under ``directory`` sized for the
+    prompt plus ``room`` tokens; the operating system pages them in for each verify pass. The files
+    are deleted on ``close``. A file that disappears or cannot be mapped raises
+    :class:`FullViewUnavailable`.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.location = f"disk:{self.directory}"
+        self._files: list[Path] = []
+
+    def open(self, cache: SlimCache, room: int) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for i, layer in enumerate(cache.layers):
+                path = self.directory / f"full-view-{os.getpid()}-{id(self)}-layer{i}.kv"
+                layer.rehome(layer.max_length + room, _file_allocator(path))
+                self._files.append(path)
+        except OSError as exc:
+            raise FullViewUnavailable(f"cannot write the full view under {self.directory}: {exc}") from exc
+        self._cache = cache
+
+    def cache(self) -> SlimCache:
+        missing = [p for p in self._files if not p.exists()]
+        if missing:
+            raise FullViewUnavailable(f"full-view file {missing[0]} is gone")
+        return super().cache()
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self._files if p.exists())
+
+    def close(self) -> None:
+        for p in self._files:
+            p.unlink(missing_ok=True)
+        self._files.clear()
+
+
+def _file_allocator(path: Path):
+    """Allocator handing out consecutive pieces of one shared memory-mapped file."""
+    pieces: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def alloc(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
+        pieces.extend(specs)
+        total = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in specs)
+        with open(path, "wb") as f:
+            f.truncate(total)
+        raw = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+        out, offset = [], 0
+        for shape, dtype in specs:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            out.append(raw[offset : offset + n].view(dtype).view(shape))
+            offset += n
+        return out
+
+    return alloc
+
+
+class DualCache:
+    """The draft view (compressed, fast tier) and the full view (slower tier) of one sequence.
+
+    draft: the compressed cache drafts read; full: the full view verification reads
+    compressor: the method that shrinks the draft view (decode-phase eviction after each commit)
+    """
+
+    def __init__(self, draft: SlimCache, full: FullView, compressor: Compressor | None) -> None:
+        self.draft = draft
+        self.full = full
+        self.compressor = compressor
+        self._draft_mark: CacheMark | None = None
+        self._full_mark: CacheMark | None = None
+        self._verified: SlimCache | None = None  # the full view the last verify pass ran on
+
+    @property
+    def seen(self) -> int:
+        """Tokens both views hold (the position of the pending token)."""
+        return self.draft.seen[0]
+
+    def begin(self) -> None:
+        """Mark both views before a round's speculative appends."""
+        self._draft_mark = self.draft.mark()
+        self._full_mark = None
+
+    def verify(self, adapter, tokens: list[int]) -> Tensor:
+        """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``."""
+        cache = self._verified = self.full.cache()
+        self._full_mark = cache.mark()
+        first = cache.seen[0]
+        positions = torch.arange(first, first + len(tokens), device=adapter.device)[None]  # [1, T]
+        ctx = ForwardContext(cache, positions, None, phase="decode")
+        logits = adapter.forward(torch.tensor([tokens], device=adapter.device), positions, ctx, all_logits=True)
+        cache.seen[0] += len(tokens)
+        return logits[0]
+
+    @torch.inference_mode()
+    def commit(self, kept: int) -> None:
+        """Keep the first ``kept`` verified tokens in both views; forget every other speculative entry."""
+        assert self._draft_mark is not None and self._full_mark is not None, "commit needs begin and verify"
+        full = self._verified
+        full.rollback(self._full_mark, kept)
+        self.draft.rollback(self._draft_mark)
+        self.copy_tail(full, kept)
+        self._draft_mark = self._full_mark = self._verified = None
+
+    @torch.inference_mode()
+    def copy_tail(self, full: SlimCache, tokens: int) -> None:
+        """Append the full view's last ``tokens`` entries (exact KV) to the draft view, then evict."""
+        for src, dst in zip(full.layers, self.draft.layers):
+            keys, values, positions = src.view()  # [1, H, L, D], [1, H, L, D], [1, H, L]
+            n = src.max_length
+            dst.append(keys[:, :, n - tokens : n], values[:, :, n - tokens : n], positions[:, 0, n - tokens : n])
+        self.draft.seen[0] += tokens
+        comp = self.compressor
+        if comp is not None and comp.active("decode"):
+            ForwardContext(self.draft, torch.empty(1, 0), comp, phase="decode").compress()
+
+
+def make_full_view(spec: str) -> FullView:
+    """``"memory"`` or ``"disk:DIR"`` (see :class:`~slimkv.engine.LosslessConfig`)."""
+    if spec == "memory":
+        return MemoryFullView()
+    return DiskFullView(spec.removeprefix("disk:"))
+
+
+def prepare_dual(engine, segments, full_view: FullView, room: int, progress=None,
+                 prefilled: tuple[SlimCache, Tensor] | None = None) -> tuple[DualCache, Tensor]:
+    """Prefill a request once into both views; returns them and the prompt's last logits ``[1, vocab]``.
+
+    The compressor observes the context prefill (SnapKV's window, H2O's attention mass) without
+    touching the full cache; the draft view is a compressed copy. A question is prefilled over the
+    full view and its exact KV copied into the draft view.
+    prefilled: an uncompressed cache of the whole prompt and its last logits, already observed by the
+               compressor (prefill once, decode many); it becomes the full view.
+    """
+    engine.check_length(segments)
+    comp = engine.compressor
+    if prefilled is not None:
+        full, logits = prefilled
+        if full.seen != [segments.total]:
+            raise ValueError(f"the prefilled cache holds {full.seen} tokens, the prompt {segments.total}")
+        segments = type(segments)(list(segments.context) + list(segments.question), [])
+    else:
+        full = engine.new_cache()
+        logits = engine.prefill(full, segments.context, progress=progress, total=segments.total)
+    draft = full.clone()
+    if comp is not None and (comp.active("prefill") or comp.active("decode")):
+        engine.compress(draft, "prefill")
+    for layer in full.layers:  # the full view keeps keys and values only
+        layer.extra.clear()
+        layer.slot_state.clear()
+    dual = DualCache(draft, full_view, comp)
+    if segments.question:
+        logits = engine.prefill(full, segments.question, progress=progress, done=len(segments.context),
+                                total=segments.total, observers=())
+        dual.copy_tail(full, len(segments.question))
+    for layer in draft.layers:  # room for the answer and one draft, so no growth block is added
+        layer.reserve(layer.max_length + room)
+    full_view.open(full, room)
+    return dual, logits
