@@ -82,13 +82,20 @@ def test_truncate_refuses_to_grow(llama):
         layer.truncate(layer.lengths + 1)
 
 
-@pytest.mark.parametrize("name", names())
+@pytest.mark.parametrize("name", [*names(), "snapkv+kivi2"])
 def test_greedy_lossless_equals_full_cache_on_tiny_model(peaked, name):
-    """Every compressor, in every phase it supports (decode-phase eviction of the draft view included)."""
+    """Every compressor, in every phase it supports (decode-phase eviction of the draft view included);
+    quantizers (which keep every entry) draft from a quantized view."""
+    from slimkv.compressors.quantization.base import Quantizer
+
     tok = ToyTokenizer()
     reference = Engine(peaked, tok).generate(Segments(prompt_ids(60), []), GREEDY).token_ids
-    phase = "both" if "decode" in method_info(name).phases and name != "none" else None
-    engine = Engine(peaked, tok, make_compressor(name, ratio=0.875, phase=phase))
+    if isinstance(make_compressor(name), Quantizer):
+        comp = make_compressor(name, group=16)
+    else:
+        phase = "both" if "+" not in name and "decode" in method_info(name).phases and name != "none" else None
+        comp = make_compressor(name, ratio=0.875, phase=phase)
+    engine = Engine(peaked, tok, comp)
     for drafter in ("self", "prompt", "auto") if name == "h2o" else ("self",):
         result = engine.generate(Segments(prompt_ids(60), []), lossless(drafter))
         assert result.token_ids == reference, (name, drafter)

@@ -9,6 +9,7 @@ import torch
 
 from slimkv.cache import CacheSpec, KVLayer, QuantizedLayer, QuantSpec, SlimCache
 from slimkv.cache.packing import pack, quantize, unpack
+from slimkv.cache.quantized import ROLLBACK_SLACK
 from slimkv.compressors import Pipeline, make_compressor
 from slimkv.engine import Engine, GenerationConfig, Segments
 from slimkv.engine.forward import ForwardContext
@@ -94,17 +95,19 @@ def test_dequantized_entries_are_within_each_groups_bound():
 def test_decode_groups_match_quantizing_at_once():
     """Entries quantized as their group fills get the same codes as a layer quantized in one go."""
     spec = QuantSpec(bits=2, group=16, residual=4)
-    whole = dense_layer(tokens=68, dim=16)
+    whole = dense_layer(tokens=84, dim=16)
     keys, values, positions = whole.view()
     start = KVLayer()
     start.append(keys[:, :, :36], values[:, :, :36], positions[:, 0, :36], exact=True)
     grown = QuantizedLayer.from_layer(start, spec)  # 32 quantized + 4 residual
-    for t in range(36, 68):
+    for t in range(36, 84):
         grown.append(keys[:, :, t : t + 1], values[:, :, t : t + 1], positions[:, 0, t : t + 1])
         held = grown.quantized_length + grown.residual.max_length
-        assert held == t + 1 and grown.residual.max_length <= spec.residual + spec.group
+        assert held == t + 1 and grown.residual.max_length <= spec.residual + spec.group + ROLLBACK_SLACK
     grown.append(keys[:, :, :0], values[:, :, :0], positions[:, 0, :0])  # flushes the last full group
-    once = QuantizedLayer.from_layer(whole, spec)
+    first = KVLayer()  # the 68 oldest tokens: 64 quantized + 4 residual, the groups `grown` has
+    first.append(keys[:, :, :68], values[:, :, :68], positions[:, 0, :68], exact=True)
+    once = QuantizedLayer.from_layer(first, spec)
     assert grown.quantized_length == once.quantized_length == 64
     for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "positions_q"):
         assert torch.equal(getattr(grown, name), getattr(once, name)), name
@@ -165,9 +168,10 @@ def test_decode_tokens_wait_in_the_residual_until_a_group_fills(llama):
             cache.seen[0] += 1
             sizes.append((layer.quantized_length, layer.residual.max_length))
     assert sizes[0] == (47, 3)  # the prompt is quantized but for `residual` tokens
-    assert sizes[16] == (47, 19)  # 16 new tokens wait ...
-    assert sizes[17] == (63, 4)  # ... and are quantized as one group at the next append
-    assert max(r for _, r in sizes) <= 3 + 16
+    # new tokens wait until a group is full beyond `residual` + ROLLBACK_SLACK (speculative rollback) ...
+    assert sizes[32] == (47, 3 + ROLLBACK_SLACK + 16)
+    assert sizes[33] == (63, 3 + ROLLBACK_SLACK + 1)  # ... and are quantized as one group at the next append
+    assert max(r for _, r in sizes) <= 3 + ROLLBACK_SLACK + 16
     assert all(q + r == 50 + i for i, (q, r) in enumerate(sizes))
     assert cache.layers[0] is layer and layer.positions().max() == 89
 

@@ -6,7 +6,8 @@ Contract (the same calls the engine makes on a :class:`~slimkv.cache.KVLayer`):
    eviction: :meth:`QuantizedLayer.from_layer`. The dense layer's entries must be in time order
    (they are: appends and ``keep`` preserve slot order), every row holding the same number.
 2. ``append`` adds new entries to the full-precision residual; complete groups of the residual's
-   oldest entries are quantized at the start of the *next* append, so a token is always attended
+   oldest entries are quantized at the start of the *next* append (the newest ``ROLLBACK_SLACK``
+   always stay, so lossless decoding can roll drafted tokens back), and a token is always attended
    in full precision during the pass that created it.
 3. ``attend`` reads the layer: the fused kernel (``cache/kernels``) when every entry is visible to
    every query (decoding), otherwise the layer is dequantized on the fly and read like a dense one.
@@ -46,6 +47,9 @@ from .layer import KVLayer
 from .packing import PARAM_DTYPE, check_bits, pack, quantize, unpack
 
 INT16_MAX = 32767
+#: newest entries never quantized by a later append, so that a speculative rollback (``truncate``, at
+#: most this many entries deep) only ever drops full-precision entries
+ROLLBACK_SLACK = 16
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ class QuantizedLayer:
     def _flush(self) -> None:
         """Quantize the residual's oldest complete groups (keeping at least ``spec.residual`` entries)."""
         res, spec = self.residual, self.spec
-        groups = (res.max_length - spec.residual) // spec.group if res.initialized else 0
+        groups = (res.max_length - spec.residual - ROLLBACK_SLACK) // spec.group if res.initialized else 0
         if groups <= 0:
             return
         take = groups * spec.group
@@ -238,6 +242,19 @@ class QuantizedLayer:
 
     def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
         raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
+
+    def truncate(self, lengths: Tensor) -> None:
+        """Forget entries appended since rows held ``lengths`` (speculative rollback, see KVLayer).
+
+        Only full-precision entries can be dropped: appends keep the newest ``ROLLBACK_SLACK``
+        entries unquantized, so rollbacks up to that depth always succeed.
+        """
+        assert self.lengths is not None
+        quantized = self.quantized_length
+        if bool((lengths < quantized).any()):
+            raise ValueError(f"cannot roll back into quantized entries (rollback deeper than {ROLLBACK_SLACK})")
+        self.residual.truncate(lengths.to(self.lengths.device, torch.int64) - quantized)
+        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
 
     def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
         raise RuntimeError("a quantized layer keeps no per-entry compressor state")
