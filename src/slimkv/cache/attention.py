@@ -31,6 +31,7 @@ def attend_rows(
     softcap: float | None = None,
     want_key_mass: bool = False,
     mask_cache: dict | None = None,
+    tree: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Grouped-query attention over kept entries.
 
@@ -40,21 +41,26 @@ def attend_rows(
     positions:       [B, H, L]       original positions of the entries
     query_positions: [B, T]
     valid:           [B, H, L] bool or None when every slot of the view holds an entry
+    tree:            [T, T] bool or None: which of this pass's tokens each new token sees (a token
+                     tree being verified, ``spec/tree.py``; needs ``valid`` None and ``new_tokens == T``);
+                     None = causal by position
     Returns (output [B, Hq, T, D], key mass [B, H, L] float32 or None).
     """
     batch, q_heads, tokens, dim = query.shape
     heads = keys.shape[1]
     groups = q_heads // heads
     window = sliding_window is not None and _window_bites(positions, query_positions, sliding_window)
+    if tree is not None and (valid is not None or new_tokens != tokens):
+        raise ValueError("tree attention needs a uniform layer whose last slots hold this pass's tokens")
     if tokens > 1 and new_tokens == keys.shape[2] and valid is None and softcap is None \
-            and not want_key_mass and not window:
+            and not want_key_mass and not window and tree is None:
         # nothing cached yet (a prompt's first chunk): plain causal attention, the fastest kernel
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                              enable_gqa=groups > 1)
         return out, None
     q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
     mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window if window else None,
-                 mask_cache)
+                 mask_cache, tree)
     if softcap is None and not want_key_mass:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         mass = None
@@ -71,14 +77,29 @@ def _mask(
     groups: int,
     sliding_window: int | None,
     mask_cache: dict | None,
+    tree: Tensor | None = None,
 ) -> Tensor | None:
     """Bool mask broadcastable to ``[B, H, G*T, L]`` (True = attend), or None when nothing is masked.
 
     sliding_window: given only when it excludes some entry (the caller checked it once).
+    tree: [T, T] visibility among the new tokens (see ``attend_rows``), or None.
     """
     batch, heads, length = positions.shape
     tokens = query_positions.shape[1]
     window = sliding_window is not None
+    if tree is not None:
+        # a token tree: everything cached before this pass is visible (by position, so a sliding
+        # window still applies); among the new tokens, each sees its ancestors and itself
+        qpos = query_positions[:, None, :, None]  # [B, 1, T, 1]
+        kpos = positions[:, :, None, :]  # [B, H, 1, L]
+        allowed = kpos < qpos.min()  # [B, H, T, L]: entries older than the pass
+        if window:
+            allowed = allowed & (kpos > qpos - sliding_window)
+        allowed = allowed.expand(batch, heads, tokens, length).clone()
+        allowed[..., length - new_tokens :] = tree.to(positions.device)
+        return allowed[:, :, None].expand(batch, heads, groups, tokens, length).reshape(
+            batch, heads, groups * tokens, length
+        )
     if valid is None and not window:
         if tokens == 1:
             return None

@@ -106,15 +106,26 @@ class SlimCache:
             seen=tuple(self.seen),
         )
 
-    def rollback(self, mark: CacheMark, keep: int = 0) -> None:
+    def rollback(self, mark: CacheMark, keep: int = 0, select: list[int] | None = None) -> None:
         """Drop what was appended since ``mark`` except the first ``keep`` tokens of every sequence.
 
+        select: instead of the first ``keep``, the appended tokens at these increasing offsets (the
+                accepted path of a verified token tree; ``keep`` must equal its length)
         Valid only when every layer was only appended to since the mark (see ``KVLayer.truncate``).
         Afterwards the cache is, entry for entry, the one at the mark plus those ``keep`` tokens.
         """
+        if select is not None and len(select) != keep:
+            raise ValueError(f"select names {len(select)} tokens, keep is {keep}")
+        contiguous = select is None or list(select) == list(range(keep))
         for layer, lengths in zip(self.layers, mark.lengths):
-            if lengths is not None:
+            if lengths is None:
+                continue
+            if contiguous:
                 layer.truncate(lengths + keep)
+            elif not hasattr(layer, "select_tail"):
+                raise ValueError(f"{type(layer).__name__} cannot keep a token tree's path; verify over a full cache")
+            else:
+                layer.select_tail(lengths, torch.tensor(select, dtype=torch.long))
         self.seen = [n + keep for n in mark.seen]
 
     @classmethod

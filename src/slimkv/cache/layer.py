@@ -250,6 +250,28 @@ class KVLayer:
         self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
         self._refresh_lengths()
 
+    def select_tail(self, lengths: Tensor, index: Tensor) -> None:
+        """Keep, of the entries appended since a row held ``lengths`` entries, those at ``index``.
+
+        lengths: [batch, kv_heads]; index: [n] increasing offsets into the appended entries (the
+        accepted path of a verified token tree). The kept entries move, in order, to the slots right
+        after ``lengths``; the rest are dropped. Same validity condition as :meth:`truncate`.
+        """
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        index = index.to(self.keys.device, torch.long)
+        if index.numel() and not bool((index[1:] > index[:-1]).all()):
+            raise ValueError("select_tail needs increasing offsets")
+        lengths = lengths.to(self.keys.device, torch.int64)
+        n = index.numel()
+        for start in lengths.unique().tolist():  # rows that held the same number of entries move together
+            rows = lengths == start  # [B, H]
+            src = start + index
+            for t in (self.keys, self.values, self.positions, *self.slot_state.values()):
+                moved = t[:, :, src][rows]  # [rows, n, ...]
+                view = t[:, :, start : start + n]
+                view[rows] = moved
+        self.truncate(lengths + n)
+
     def _refresh_lengths(self) -> None:
         assert self.lengths is not None
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
@@ -266,11 +288,13 @@ class KVLayer:
         softcap: float | None = None,
         want_key_mass: bool = False,
         mask_cache: dict | None = None,
+        tree: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attention of new queries over this layer's entries (call after ``append``).
 
         query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
         new_tokens: how many of the entries were appended by this forward pass
+        tree: [tokens, tokens] bool, which new tokens each new token sees (token-tree verification)
         Returns the output ``[batch, q_heads, tokens, head_dim]`` and, if asked, the attention
         mass each entry received ``[batch, kv_heads, L]`` (summed over the queries of its group).
         """
@@ -279,7 +303,7 @@ class KVLayer:
         return attend_rows(
             query, keys, values, positions, query_positions, scale,
             valid=valid, new_tokens=new_tokens, sliding_window=sliding_window,
-            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache,
+            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache, tree=tree,
         )
 
     def clone(self) -> KVLayer:

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                         "(a long lookup match, else self), auto:PATH (adds a REST datastore)")
     p.add_argument("--draft-tokens", type=int, default=8, metavar="K",
                    help="with --lossless: longest draft per verify pass (default 8)")
+    p.add_argument("--tree-nodes", type=int, default=16, metavar="N",
+                   help="with --lossless and a REST datastore: draft tokens of REST's token tree, all "
+                        "verified in one pass (default 16; 0 drafts only the most frequent path)")
     p.add_argument("--full-view", default="memory", metavar="WHERE",
                    help="with --lossless: where the full cache lives, memory (default) or disk:DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
@@ -85,7 +88,8 @@ def lossless_config(args: argparse.Namespace):
     if args.store:
         raise InputError("--lossless does not reuse stored KV yet; drop --store")
     return LosslessConfig(drafter=args.drafter, draft_tokens=min(4, args.draft_tokens),
-                          max_draft_tokens=args.draft_tokens, full_view=args.full_view)
+                          max_draft_tokens=args.draft_tokens, full_view=args.full_view,
+                          tree_nodes=args.tree_nodes)
 
 
 def run(args: argparse.Namespace) -> int:

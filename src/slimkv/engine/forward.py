@@ -34,6 +34,8 @@ class ForwardContext:
     observers: methods that record what they need during this pass (default: the compressor).
                Several observers let one prefill serve several methods (compress once per method,
                prefill once per prompt).
+    tree: [tokens, tokens] bool, which of this pass's tokens each one sees, for verifying a token
+          tree (``spec/tree.py``); None = causal by position
     """
 
     cache: SlimCache
@@ -42,6 +44,7 @@ class ForwardContext:
     phase: str = "prefill"
     observers: tuple[Compressor, ...] | None = None
     mask_cache: dict = field(default_factory=dict)
+    tree: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.observers is None:
@@ -81,6 +84,7 @@ class ForwardContext:
         out, mass = layer.attend(
             query, self.positions, scale, tokens, sliding_window=sliding_window, softcap=softcap,
             want_key_mass=any(o.needs_key_mass for o in self._watching), mask_cache=self.mask_cache,
+            **({} if self.tree is None else {"tree": self.tree}),
         )
         if self._watching:
             ctx = self._ctx_for(layer_idx, tokens)

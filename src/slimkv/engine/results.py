@@ -21,12 +21,14 @@ class LosslessConfig:
     draft_tokens: initial self-draft length k (adapted: +1 after a fully accepted draft, -1 after a rejection)
     max_draft_tokens: longest draft (self-drafting grows up to it; lookup drafts always use it)
     full_view: where the full cache lives: "memory" (host memory) or "disk:DIR" (a file per layer, memory-mapped)
+    tree_nodes: tokens of REST's draft tree, all verified in one pass (0: REST drafts one path)
     """
 
     drafter: str = "self"
     draft_tokens: int = 4
     max_draft_tokens: int = 8
     full_view: str = "memory"
+    tree_nodes: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.draft_tokens <= self.max_draft_tokens:
@@ -39,6 +41,8 @@ class LosslessConfig:
                 f"unknown drafter {self.drafter!r}; use self, prompt, rest:PATH (a datastore file), auto "
                 "or auto:PATH"
             )
+        if not 0 <= self.tree_nodes <= 64:
+            raise ConfigError(f"tree_nodes must be in [0, 64] (0: REST drafts one path), got {self.tree_nodes}")
         if self.full_view != "memory" and not self.full_view.startswith("disk:"):
             raise ConfigError(f"full_view must be 'memory' or 'disk:DIR', got {self.full_view!r}")
 

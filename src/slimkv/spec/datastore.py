@@ -2,13 +2,14 @@
 
 After He et al., "REST: Retrieval-Based Speculative Decoding" (NAACL 2024, arXiv:2311.08252): find
 the longest suffix of the current text that occurs in the corpus, collect the continuations that
-follow its occurrences, and draft from them. REST verifies the candidates as a token tree; slimkv
-drafts the tree's most frequent path (at each depth, the token most of the still-consistent
-continuations take), which is verified like any draft.
+follow its occurrences, and draft from them. :meth:`Datastore.tree` gives REST's token tree (the
+best-supported nodes of the continuations' trie, verified together, ``spec/tree.py``);
+:meth:`Datastore.draft` its most frequent path (at each depth, the token most of the
+still-consistent continuations take), verified like any chain draft.
 
 Contract: ``slimkv datastore build FILES... --out PATH`` calls :func:`Datastore.build` then
 :meth:`Datastore.save`; :class:`~slimkv.spec.drafters.RestDrafter` calls :meth:`Datastore.load` once
-and :meth:`Datastore.draft` once per round.
+and :meth:`Datastore.tree` (or :meth:`Datastore.draft`) once per round.
 
 File (a :mod:`slimkv.store.frame` envelope, blake2b-checked, no pickle): the JSON header holds the
 format, token and document counts and the tokenizer's fingerprint; the body holds ``tokens``
@@ -27,6 +28,7 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from ..store import frame
 from ..store.errors import CorruptChunk
+from .tree import build_tree
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +148,9 @@ class Datastore:
                 hi = mid
         return start, lo
 
-    def draft(self, suffix: list[int], limit: int, min_match: int = 1) -> tuple[int, list[int]]:
-        """(match length, draft) for the longest suffix of ``suffix`` found; (0, []) if none.
-
-        The draft is the most frequent path of the continuations' token tree, at most ``limit`` long.
-        """
+    def continuations(self, suffix: list[int], limit: int, min_match: int = 1) -> tuple[int, list[list[int]]]:
+        """(match length, what follows each occurrence, at most ``limit`` tokens) for the longest
+        suffix of ``suffix`` found (at least ``min_match`` tokens); (0, []) if none."""
         if limit <= 0:
             return 0, []
         for m in range(len(suffix), min_match - 1, -1):
@@ -160,16 +160,33 @@ class Datastore:
             starts = self.suffixes[lo : min(hi, lo + MAX_OCCURRENCES)].astype(np.int64) + m
             conts = [self.tokens[s : s + limit].tolist() for s in starts]
             conts = [c[: c.index(SEPARATOR)] if SEPARATOR in c else c for c in conts]
-            path: list[int] = []
-            while len(path) < limit:
-                depth = len(path)
-                nexts = [c[depth] for c in conts if len(c) > depth]
-                if not nexts:
-                    break
-                values, counts = np.unique(nexts, return_counts=True)
-                best = int(values[int(np.argmax(counts))])
-                path.append(best)
-                conts = [c for c in conts if len(c) > depth and c[depth] == best]
-            if path:
-                return m, path
+            conts = [c for c in conts if c]
+            if conts:
+                return m, conts
         return 0, []
+
+    def tree(self, suffix: list[int], limit: int, nodes: int, min_match: int = 1) -> tuple[int, list[int], list[int]]:
+        """(match length, tokens, parents): REST's token tree of at most ``nodes`` tokens, ``limit`` deep."""
+        match, conts = self.continuations(suffix, limit, min_match)
+        if not conts:
+            return 0, [], []
+        tokens, parents = build_tree(conts, nodes)
+        return match, tokens, parents
+
+    def draft(self, suffix: list[int], limit: int, min_match: int = 1) -> tuple[int, list[int]]:
+        """(match length, draft) for the longest suffix of ``suffix`` found; (0, []) if none.
+
+        The draft is the most frequent path of the continuations' token tree, at most ``limit`` long.
+        """
+        match, conts = self.continuations(suffix, limit, min_match)
+        path: list[int] = []
+        while conts and len(path) < limit:
+            depth = len(path)
+            nexts = [c[depth] for c in conts if len(c) > depth]
+            if not nexts:
+                break
+            values, counts = np.unique(nexts, return_counts=True)
+            best = int(values[int(np.argmax(counts))])
+            path.append(best)
+            conts = [c for c in conts if len(c) > depth and c[depth] == best]
+        return (match, path) if path else (0, [])

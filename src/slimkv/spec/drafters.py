@@ -28,6 +28,7 @@ from torch import Tensor
 from ..engine.forward import ForwardContext
 from ..engine.sampling import Sampler
 from .dual import DualCache
+from .tree import is_chain
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class Draft:
     probs: [k, vocab] the distribution each token was sampled from (sampled self-drafts); None when
            the draft is deterministic (greedy self-drafts, lookups)
     match: tokens of the text a lookup matched (0 for self-drafts)
+    parents: a token tree (``spec/tree.py``): the parent index of every token, -1 for the pending
+             token; None for a chain (each token follows the previous one)
     """
 
     tokens: list[int]
     source: str
     probs: Tensor | None = None
     match: int = 0
+    parents: list[int] | None = None
 
 
 @dataclass
@@ -165,20 +169,27 @@ class PromptLookupDrafter(Drafter):
 
 @dataclass
 class RestDrafter(Drafter):
-    """REST: the most frequent continuation of the longest suffix found in a datastore.
+    """REST: the continuations of the longest suffix found in a datastore, as a token tree.
 
     store: a loaded :class:`~slimkv.spec.datastore.Datastore`; max_suffix: longest suffix tried
     min_match: shortest suffix match worth a draft (a 1-token match mostly proposes noise, and a
                rejected draft still costs its verify pass)
+    tree_nodes: draft tokens of the tree (its best-supported trie nodes, all verified in one pass);
+                0 drafts only the most frequent path
     """
 
     store: object
     max_suffix: int = 16
     min_match: int = 2
+    tree_nodes: int = 16
     name = "rest"
 
     def propose(self, req: DraftRequest) -> Draft:
-        match, tokens = self.store.draft(req.history[-self.max_suffix :], req.limit, self.min_match)
+        suffix = req.history[-self.max_suffix :]
+        if self.tree_nodes > 0:
+            match, tokens, parents = self.store.tree(suffix, req.limit, self.tree_nodes, self.min_match)
+            return Draft(tokens, self.name, match=match, parents=None if is_chain(parents) else parents)
+        match, tokens = self.store.draft(suffix, req.limit, self.min_match)
         return Draft(tokens, self.name, match=match)
 
 
@@ -206,10 +217,12 @@ class AutoDrafter(Drafter):
             d.feedback(draft, accepted)
 
 
-def make_drafter(spec: str, draft_tokens: int = 4, max_draft_tokens: int = 8, tokenizer=None) -> Drafter:
+def make_drafter(spec: str, draft_tokens: int = 4, max_draft_tokens: int = 8, tokenizer=None,
+                 tree_nodes: int = 16) -> Drafter:
     """A drafter from ``--drafter``: self, prompt, rest:PATH, auto or auto:PATH.
 
     tokenizer: when given, a datastore built with another tokenizer is refused.
+    tree_nodes: REST's token-tree size (0: one path)
     """
     kind, _, path = spec.partition(":")
     if kind == "self":
@@ -223,7 +236,7 @@ def make_drafter(spec: str, draft_tokens: int = 4, max_draft_tokens: int = 8, to
         store = Datastore.load(path)
         if tokenizer is not None:
             store.check_tokenizer(tokenizer_fingerprint(tokenizer))
-        rest = RestDrafter(store)
+        rest = RestDrafter(store, tree_nodes=tree_nodes)
     if kind == "rest":
         assert rest is not None
         return rest

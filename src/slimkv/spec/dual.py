@@ -35,6 +35,7 @@ from ..cache import CacheMark, SlimCache
 from ..compressors import Compressor
 from ..engine.forward import ForwardContext
 from ..errors import SlimKVError
+from .tree import check_parents, depths, visibility
 
 log = logging.getLogger(__name__)
 
@@ -172,23 +173,38 @@ class DualCache:
         self._draft_mark = self.draft.mark()
         self._full_mark = None
 
-    def verify(self, adapter, tokens: list[int]) -> Tensor:
-        """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``."""
+    def verify(self, adapter, tokens: list[int], parents: list[int] | None = None) -> Tensor:
+        """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``.
+
+        parents: the draft as a token tree (``spec/tree.py``; indices into ``tokens[1:]``), or None for
+                 a chain. Tree tokens sit at ``seen + depth`` and see only their ancestors.
+        """
         cache = self._verified = self.full.cache()
         self._full_mark = cache.mark()
         first = cache.seen[0]
-        positions = torch.arange(first, first + len(tokens), device=adapter.device)[None]  # [1, T]
-        ctx = ForwardContext(cache, positions, None, phase="decode")
-        logits = adapter.forward(torch.tensor([tokens], device=adapter.device), positions, ctx, all_logits=True)
+        device = adapter.device
+        if parents is None:
+            positions = torch.arange(first, first + len(tokens), device=device)[None]  # [1, T]
+            tree = None
+        else:
+            check_parents(parents)
+            positions = torch.tensor([[first, *(first + d for d in depths(parents))]], device=device)  # [1, T]
+            tree = visibility(parents)
+        ctx = ForwardContext(cache, positions, None, phase="decode", tree=tree)
+        logits = adapter.forward(torch.tensor([tokens], device=device), positions, ctx, all_logits=True)
         cache.seen[0] += len(tokens)
         return logits[0]
 
     @torch.inference_mode()
-    def commit(self, kept: int) -> None:
-        """Keep the first ``kept`` verified tokens in both views; forget every other speculative entry."""
+    def commit(self, kept: int, select: list[int] | None = None) -> None:
+        """Keep the first ``kept`` verified tokens in both views; forget every other speculative entry.
+
+        select: for a token tree, the offsets (into the verified tokens) of the ``kept`` tokens on the
+                accepted path, pending token first
+        """
         assert self._draft_mark is not None and self._full_mark is not None, "commit needs begin and verify"
         full = self._verified
-        full.rollback(self._full_mark, kept)
+        full.rollback(self._full_mark, kept, select)
         self.draft.rollback(self._draft_mark)
         self.copy_tail(full, kept)
         self._draft_mark = self._full_mark = self._verified = None

@@ -7,6 +7,7 @@ One round (``LosslessGeneration.__iter__``)::
     logits = dual.verify(pending + draft)          # one pass over the full view: [k + 1, vocab]
     verdict = accept_greedy / accept_sampled       # a accepted + the verifier's own token
     dual.commit(1 + a)                             # exact KV of pending + accepted into both views
+                                                   # (a token tree keeps its accepted path, spec/tree.py)
     emit draft[:a] + [verdict.next_token]          # the last one becomes the pending token
 
 Only verified tokens are ever emitted. If the full view fails, the loop rebuilds a full cache from the
@@ -29,7 +30,8 @@ from ..engine.sampling import Sampler
 from ..errors import ConfigError
 from .drafters import Draft, DraftRequest, make_drafter
 from .dual import FullViewUnavailable, make_full_view, prepare_dual
-from .verify import accept_greedy, accept_sampled
+from .tree import accept_tree_greedy, accept_tree_sampled
+from .verify import Verdict, accept_greedy, accept_sampled
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class LosslessGeneration(Generation):
             raise ConfigError("lossless decoding runs one sequence at a time; send requests one by one")
         row = self.rows[0]
         sampler = Sampler(cfg.sampling)
-        drafter = make_drafter(lcfg.drafter, lcfg.draft_tokens, lcfg.max_draft_tokens, engine.tokenizer)
+        drafter = make_drafter(lcfg.drafter, lcfg.draft_tokens, lcfg.max_draft_tokens, engine.tokenizer,
+                               lcfg.tree_nodes)
         full_view = make_full_view(lcfg.full_view)
         counts: dict[str, list[int]] = {}
         drafted = accepted = passes = 0
@@ -76,25 +79,23 @@ class LosslessGeneration(Generation):
                                            engine.adapter, sampler)
                         draft = drafter.propose(req) if req.limit > 0 else Draft([], "none")
                         try:
-                            scores = dual.verify(engine.adapter, [pending, *draft.tokens])
+                            scores = dual.verify(engine.adapter, [pending, *draft.tokens], draft.parents)
                         except FullViewUnavailable as exc:
                             log.warning("full view unreadable (%s); continuing with plain full-cache "
                                         "decoding (every token so far was verified)", exc)
                             fallback = True
                             yield from self._plain(row, history, sampler, budget)
                             break
-                        if sampler.config.greedy:
-                            verdict = accept_greedy(scores, draft.tokens)
-                        else:
-                            verdict = accept_sampled(scores, draft.tokens, draft.probs, sampler)
-                        dual.commit(1 + verdict.accepted)
+                        verdict = _verdict(scores, draft, sampler)
+                        path = list(range(verdict.accepted)) if verdict.path is None else list(verdict.path)
+                        dual.commit(1 + verdict.accepted, None if verdict.path is None else [0, *(i + 1 for i in path)])
                         drafter.feedback(draft, verdict.accepted)
                         passes += 1
                         drafted += len(draft.tokens)
                         accepted += verdict.accepted
                         c = counts.setdefault(draft.source, [0, 0, 0])
                         c[0], c[1], c[2] = c[0] + 1, c[1] + len(draft.tokens), c[2] + verdict.accepted
-                        out = [*draft.tokens[: verdict.accepted], verdict.next_token]
+                        out = [*(draft.tokens[i] for i in path), verdict.next_token]
                     if ttft is None:
                         ttft = time.perf_counter() - t0
                         t_first = time.perf_counter()
@@ -144,3 +145,16 @@ class LosslessGeneration(Generation):
             history.append(token)
         if row.finish is None:
             row.finish = "length"
+
+
+def _verdict(logits: torch.Tensor, draft: Draft, sampler: Sampler) -> Verdict:
+    """The verdict on one verify pass: a chain or a token tree, greedy or sampled."""
+    if draft.parents is not None:
+        if draft.probs is not None:
+            raise ValueError("token trees come from lookups; a sampled draft must be a chain")
+        if sampler.config.greedy:
+            return accept_tree_greedy(logits, draft.tokens, draft.parents)
+        return accept_tree_sampled(logits, draft.tokens, draft.parents, sampler)
+    if sampler.config.greedy:
+        return accept_greedy(logits, draft.tokens)
+    return accept_sampled(logits, draft.tokens, draft.probs, sampler)

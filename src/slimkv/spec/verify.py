@@ -32,10 +32,12 @@ class Verdict:
 
     accepted: how many draft tokens were accepted (a prefix of the draft)
     next_token: the verifier's own token after them (recovered or bonus)
+    path: for a token tree, the draft indices of the accepted tokens (``spec/tree.py``); None for a chain
     """
 
     accepted: int
     next_token: int
+    path: tuple[int, ...] | None = None
 
 
 def accept_greedy(logits: Tensor, draft: list[int]) -> Verdict:
