@@ -13,8 +13,8 @@ from slimkv.engine.sampling import Sampler
 from slimkv.spec.datastore import Datastore, tokenizer_fingerprint
 from slimkv.spec.tree import accept_tree_greedy, accept_tree_sampled, build_tree, depths, visibility
 
-from .conftest import ToyTokenizer, prompt_ids, tiny_model
-from .test_lossless import CHI2_999
+from .conftest import ToyTokenizer, prompt_ids
+from .test_lossless import CHI2_999, peaked  # noqa: F401 (a fixture)
 
 #   root(pending) -> 0:5 -> 1:6 -> 4:9
 #                        -> 2:7
@@ -136,14 +136,6 @@ def test_tree_sampling_keeps_the_verifier_distribution():
         cells = exp > 0
         chi2 = float(((obs[cells] - exp[cells]) ** 2 / exp[cells]).sum())
         assert chi2 < CHI2_999[int(cells.sum()) - 1], chi2
-
-
-@pytest.fixture(scope="module")
-def peaked():
-    model = tiny_model("llama")
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    return model
 
 
 def test_rest_tree_is_lossless_and_beats_its_single_path(peaked, tmp_path):
