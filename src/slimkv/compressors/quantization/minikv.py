@@ -66,8 +66,8 @@ class MiniKV(Compressor):
         return True  # quantizes even when nothing is evicted
 
     def describe(self) -> str:
-        return f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual}, "
-                f"sinks={self.sinks}, rotate={self.rotate})"
+        return (f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual}, "
+                f"sinks={self.sinks}, rotate={self.rotate})")
 
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
