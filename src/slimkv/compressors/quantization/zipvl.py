@@ -25,9 +25,10 @@ from ...cache import KVLayer, QuantizedLayer, QuantSpec
 from ...cache.mixed import MixedLayer
 from ...cache.packing import BITS
 from ...errors import ConfigError
-from ..base import Compressor, ScoreContext
+from ..base import ScoreContext
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
+from .base import Quantizer
 
 
 def important_count(mass: Tensor, share: float, covered: Tensor | None = None) -> Tensor:
@@ -46,7 +47,7 @@ def important_count(mass: Tensor, share: float, covered: Tensor | None = None) -
 
 @register
 @dataclass
-class ZipVL(Compressor):
+class ZipVL(Quantizer):
     """Mixed precision by attention mass: entries holding `share` of it at high bits, the rest at 2 bits.
 
     share: fraction of the observation window's attention mass the high-precision entries must hold
@@ -66,17 +67,11 @@ class ZipVL(Compressor):
     _votes: SnapKVCompressor = field(init=False, repr=False, compare=False)
 
     name = "zipvl"
-    kind = "quantization"
     paper = ("He et al., ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification and "
              "KV Cache Compression, arXiv:2410.08584")
-    supported_phases = ("prefill",)
-    quantizes = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.budget is not None or self.ratio:
-            raise ConfigError("zipvl keeps every entry, so it takes no ratio or budget; to evict as well, "
-                              "compose an eviction method before it, e.g. `--compressor snapkv+zipvl --ratio 0.5`")
+        super().__post_init__()  # (a ratio or budget is refused there: zipvl keeps every entry)
         if not 0.0 < self.share <= 1.0:
             raise ConfigError(f"zipvl share must be in (0, 1] (a fraction of the attention mass), got {self.share}")
         for label, bits in (("high_bits", self.high_bits), ("low_bits", self.low_bits)):
@@ -89,16 +84,9 @@ class ZipVL(Compressor):
         self._votes = SnapKVCompressor(window=self.window, kernel=1)
         self.bits = self.low_bits
 
-    @property
-    def compresses(self) -> bool:
-        return True  # quantizes even though nothing is evicted
-
-    def keep_for(self, seen: Tensor, layer_idx: int = 0, num_layers: int = 1) -> Tensor:
-        return seen.clone()
-
-    def describe(self) -> str:
-        return (f"zipvl(share={self.share}, bits={self.high_bits}/{self.low_bits}, window={self.window}, "
-                f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate})")
+    def params(self) -> str:
+        return (f"share={self.share}, bits={self.high_bits}/{self.low_bits}, window={self.window}, "
+                f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate}")
 
     def spec(self, bits: int, sinks: int) -> QuantSpec:
         return QuantSpec(bits=bits, group=self.group, residual=self.residual if sinks else 0, sinks=sinks,
