@@ -1,6 +1,6 @@
 """KIVI quantization on the embedded model: bits per element, needle score, decode speed, in one run.
 
-1. Effective bits per stored element at ~4k tokens, for kivi8/kivi4/kivi2, snapkv@0.5+kivi2, minikv@0.5:
+1. Effective bits per stored element at ~4k tokens, for kivi8/kivi4/kivi2, zipvl, snapkv@0.5+kivi2, minikv@0.5:
    ``bytes_kept * 8 / (entries * 2 * head_dim)`` where ``entries`` is the number of (token, layer, KV
    head) entries held and ``bytes_kept`` every byte the cache allocates (packed codes, float16 scales
    and zero points, positions, lengths, the full-precision residual). A 16-bit cache of the same
@@ -37,9 +37,9 @@ from slimkv.evals.runner import EvalSample, MethodSpec, Runner
 from slimkv.evals.tasks import make_samples
 
 RESULTS = Path(__file__).parent / "results"
-BITS_MODES = [("none", None), ("kivi8", None), ("kivi4", None), ("kivi2", None), ("snapkv+kivi2", 0.5),
-              ("minikv", 0.5)]
-NEEDLE_METHODS = [MethodSpec("kivi8"), MethodSpec("kivi4"), MethodSpec("kivi2"),
+BITS_MODES = [("none", None), ("kivi8", None), ("kivi4", None), ("kivi2", None), ("zipvl", None),
+              ("snapkv+kivi2", 0.5), ("minikv", 0.5)]
+NEEDLE_METHODS = [MethodSpec("kivi8"), MethodSpec("kivi4"), MethodSpec("kivi2"), MethodSpec("zipvl"),
                   MethodSpec("snapkv", ratio=0.5), MethodSpec("snapkv+kivi2", ratio=0.5), MethodSpec("minikv", ratio=0.5)]
 SPEED_MODES = ["none", "kivi4", "kivi2", "kivi2 (PyTorch path)"]
 

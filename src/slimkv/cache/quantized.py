@@ -13,7 +13,13 @@ Contract (the same calls the engine makes on a :class:`~slimkv.cache.KVLayer`):
    every query (decoding), otherwise the layer is dequantized on the fly and read like a dense one.
    Either way only this layer is ever expanded, never the whole cache.
 4. ``nbytes`` counts every allocated byte: packed codes, float16 scales and zero points, positions,
-   lengths and the residual (a :class:`KVLayer` grown exactly, without free slots).
+   lengths, the sinks and the residual (:class:`KVLayer` s grown exactly, without free slots).
+
+Two options of :class:`QuantSpec` protect 2-bit caches (measured in ``benchmarks/results/quant.md``):
+``sinks`` keeps the first entries of every row (attention sinks, which draw most of the attention
+mass) exactly, in a small dense layer; ``rotate`` stores the quantized part in a rotated basis
+(``cache/rotation.py``): codes of ``K R`` and ``V R``, so reads rotate the query and un-rotate the
+output instead of ever un-rotating the cache.
 
 Eviction does not act on quantized entries (``keep`` and ``replace`` refuse): evict first, then
 quantize what is kept (``compressors/compose.py``).
@@ -26,6 +32,7 @@ Layout (``Q`` quantized entries per row, ``NG`` key groups, ``P = head_dim * bit
     positions:        [batch, 1 or kv_heads, Q]           int16 (int32 past 32767), one row when
                                                           every head holds the same positions
     residual:         KVLayer of the newest entries in the model dtype
+    sinks:            KVLayer of the ``spec.sinks`` oldest entries in the model dtype, or None
 
 Key groups are aligned to the *newest* quantized entry: at conversion the oldest group is the
 short one (``k_pad`` missing entries at its front), so right after prefill the full-precision part is
@@ -45,6 +52,7 @@ from . import kernels
 from .attention import attend_rows
 from .layer import KVLayer
 from .packing import PARAM_DTYPE, check_bits, pack, quantize, unpack
+from .rotation import rotate, unrotate
 
 INT16_MAX = 32767
 #: newest entries never quantized by a later append, so that a speculative rollback (``truncate``, at
@@ -60,11 +68,15 @@ class QuantSpec:
     group: entries per key group (keys are quantized per channel over ``group`` consecutive entries);
            values are quantized per entry in groups of ``min(group, head_dim)`` channels
     residual: newest entries always kept in full precision (besides a group still filling)
+    sinks: oldest entries of each row kept in full precision (attention sinks)
+    rotate: quantize keys and values in a rotated basis (``cache/rotation.py``)
     """
 
     bits: int = 2
     group: int = 128
     residual: int = 0
+    sinks: int = 0
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -72,6 +84,8 @@ class QuantSpec:
             raise ValueError(f"group must be >= 1, got {self.group}")
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
 
     def value_group(self, head_dim: int) -> int:
         """Channels per value group: ``min(group, head_dim)``, or the whole head if that does not divide it."""
@@ -92,6 +106,7 @@ class QuantizedLayer:
         self.k_pad = 0
         self.k_codes = self.v_codes = self.k_scale = self.k_zero = self.v_scale = self.v_zero = None
         self.positions_q: Tensor | None = None
+        self.sinks: KVLayer | None = None
         self.lengths: Tensor | None = None
         self.slot_state: dict[str, Tensor] = {}
         self.extra: dict[str, Tensor] = {}
@@ -112,20 +127,24 @@ class QuantizedLayer:
         if dim % (8 // spec.bits):
             raise ValueError(f"{spec.bits}-bit packing needs head_dim divisible by {8 // spec.bits}, got {dim}")
         n = keys.shape[2]
-        quantized = max(0, n - spec.residual)
+        sinks = min(spec.sinks, max(0, n - spec.residual))
+        quantized = max(0, n - spec.residual - sinks)
         residual = KVLayer()
         residual.scale = layer.scale
-        if quantized < n:
-            residual.append(keys[:, :, quantized:], values[:, :, quantized:], positions[:, 0, quantized:], exact=True)
-            assert residual.positions is not None
-            residual.positions.copy_(positions[:, :, quantized:])
+        if sinks + quantized < n:
+            residual = _dense(keys, values, positions, sinks + quantized, n, layer.scale)
         out = cls(spec, residual, keys.dtype)
+        if sinks:
+            out.sinks = _dense(keys, values, positions, 0, sinks, layer.scale)
         out.k_pad = -quantized % spec.group
-        out._set_quantized(keys[:, :, :quantized], values[:, :, :quantized], positions[:, :, :quantized], out.k_pad)
+        body = slice(sinks, sinks + quantized)
+        out._set_quantized(keys[:, :, body], values[:, :, body], positions[:, :, body], out.k_pad)
         out.lengths = layer.lengths.clone()  # type: ignore[union-attr]
         return out
 
     def _set_quantized(self, keys: Tensor, values: Tensor, positions: Tensor, pad: int) -> None:
+        if self.spec.rotate:
+            keys, values = rotate(keys.float()), rotate(values.float())
         self.k_codes, self.k_scale, self.k_zero = _quantize_keys(keys, self.spec, pad)
         self.v_codes, self.v_scale, self.v_zero = _quantize_values(values, self.spec)
         self.positions_q = _compact_positions(positions)
@@ -138,8 +157,11 @@ class QuantizedLayer:
             return
         take = groups * spec.group
         keys, values, positions = res.view()
-        k = _quantize_keys(keys[:, :, :take], spec, 0)
-        v = _quantize_values(values[:, :, :take], spec)
+        keys, values = keys[:, :, :take], values[:, :, :take]
+        if spec.rotate:
+            keys, values = rotate(keys.float()), rotate(values.float())
+        k = _quantize_keys(keys, spec, 0)
+        v = _quantize_values(values, spec)
         assert self.k_codes is not None and self.v_codes is not None and self.positions_q is not None
         self.k_codes, self.k_scale, self.k_zero = (torch.cat([a, b], dim=2) for a, b in zip(
             (self.k_codes, self.k_scale, self.k_zero), k))
@@ -160,12 +182,16 @@ class QuantizedLayer:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
 
     @property
+    def sink_length(self) -> int:
+        return 0 if self.sinks is None else self.sinks.max_length
+
+    @property
     def max_length(self) -> int:
-        return self.quantized_length + self.residual.max_length
+        return self.sink_length + self.quantized_length + self.residual.max_length
 
     @property
     def capacity(self) -> int:
-        return self.quantized_length + self.residual.capacity
+        return self.sink_length + self.quantized_length + self.residual.capacity
 
     @property
     def uniform(self) -> bool:
@@ -179,16 +205,16 @@ class QuantizedLayer:
         tensors = [self.k_codes, self.v_codes, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
                    self.positions_q, self.lengths, *self.extra.values(), *self.slot_state.values()]
         own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return own + self.residual.nbytes()
+        return own + self.residual.nbytes() + (0 if self.sinks is None else self.sinks.nbytes())
 
     def positions(self) -> Tensor:
-        """int32 ``[B, H, L]`` positions of all entries, quantized first, residual after."""
+        """int32 ``[B, H, L]`` positions of all entries: sinks, quantized, residual."""
         assert self.positions_q is not None and self.k_codes is not None
         batch, heads = self.k_codes.shape[:2]
         pos = self.positions_q.to(torch.int32).expand(batch, heads, -1)
-        if self.residual.max_length:
-            pos = torch.cat([pos, self.residual.view()[2]], dim=2)
-        return pos
+        head = [self.sinks.view()[2]] if self.sink_length else []
+        tail = [self.residual.view()[2]] if self.residual.max_length else []
+        return torch.cat([*head, pos, *tail], dim=2)
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """Dequantized keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` of this layer.
@@ -197,6 +223,9 @@ class QuantizedLayer:
         its slow path (prefill chunks, sliding windows), one layer at a time.
         """
         keys, values = self.dequantize()
+        if self.sink_length:
+            sk, sv, _ = self.sinks.view()
+            keys, values = torch.cat([sk, keys], dim=2), torch.cat([sv, values], dim=2)
         if self.residual.max_length:
             rk, rv, _ = self.residual.view()
             keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
@@ -217,8 +246,10 @@ class QuantizedLayer:
         batch, heads, _, dim = keys.shape
         vg = spec.value_group(dim)
         values = unpack(self.v_codes, spec.bits).float().view(batch, heads, q, dim // vg, vg)
-        values = values * self.v_scale.float()[..., None] + self.v_zero.float()[..., None]
-        return keys.to(self.dtype), values.view(batch, heads, q, dim).to(self.dtype)
+        values = (values * self.v_scale.float()[..., None] + self.v_zero.float()[..., None]).view(batch, heads, q, dim)
+        if spec.rotate:
+            keys, values = unrotate(keys), unrotate(values)
+        return keys.to(self.dtype), values.to(self.dtype)
 
     # ------------------------------------------------------------------ writing
     def reserve(self, capacity: int) -> None:
@@ -250,7 +281,7 @@ class QuantizedLayer:
         entries unquantized, so rollbacks up to that depth always succeed.
         """
         assert self.lengths is not None
-        quantized = self.quantized_length
+        quantized = self.sink_length + self.quantized_length
         if bool((lengths < quantized).any()):
             raise ValueError(f"cannot roll back into quantized entries (rollback deeper than {ROLLBACK_SLACK})")
         self.residual.truncate(lengths.to(self.lengths.device, torch.int64) - quantized)
@@ -278,7 +309,8 @@ class QuantizedLayer:
         assert self.positions_q is not None
         simple = softcap is None and not want_key_mass and query.shape[2] == 1 and self.quantized_length > 0
         if simple and sliding_window is not None:
-            simple = int(query_positions.max()) - int(self.positions_q.min()) < sliding_window
+            oldest = self.sinks.view()[2] if self.sink_length else self.positions_q
+            simple = int(query_positions.max()) - int(oldest.min()) < sliding_window
         if simple and kernels.available(query, self):
             return kernels.decode_attention(query, self, scale), None
         keys, values, positions = self.view()
@@ -291,6 +323,7 @@ class QuantizedLayer:
     def clone(self) -> QuantizedLayer:
         out = QuantizedLayer(self.spec, self.residual.clone(), self.dtype)
         out.scale, out.k_pad = self.scale, self.k_pad
+        out.sinks = None if self.sinks is None else self.sinks.clone()
         for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "positions_q", "lengths"):
             setattr(out, name, getattr(self, name).clone())
         out.extra = {k: v.clone() for k, v in self.extra.items()}
@@ -305,7 +338,8 @@ class QuantizedLayer:
         quantized and residual entries with the same group alignment (prompts of equal length).
         """
         first = layers[0]
-        layout = {(layer.spec, layer.quantized_length, layer.k_pad, layer.residual.max_length) for layer in layers}
+        layout = {(layer.spec, layer.sink_length, layer.quantized_length, layer.k_pad, layer.residual.max_length)
+                  for layer in layers}
         if len(layout) > 1:
             raise ValueError(
                 "quantized caches can be decoded in one batch only when their prompts have the same "
@@ -313,6 +347,8 @@ class QuantizedLayer:
             )
         out = QuantizedLayer(first.spec, KVLayer.stack([layer.residual for layer in layers]), first.dtype)
         out.scale, out.k_pad = first.scale, first.k_pad
+        if first.sinks is not None:
+            out.sinks = KVLayer.stack([layer.sinks for layer in layers])
         for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "lengths"):
             setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
         heads = first.k_codes.shape[1]
@@ -322,6 +358,16 @@ class QuantizedLayer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _dense(keys: Tensor, values: Tensor, positions: Tensor, start: int, stop: int, scale: float) -> KVLayer:
+    """A dense layer, grown exactly, of entries ``[start, stop)`` of ``[B, H, L, D]`` keys and values."""
+    out = KVLayer()
+    out.scale = scale
+    out.append(keys[:, :, start:stop], values[:, :, start:stop], positions[:, 0, start:stop], exact=True)
+    assert out.positions is not None
+    out.positions.copy_(positions[:, :, start:stop])
+    return out
+
+
 def _quantize_keys(keys: Tensor, spec: QuantSpec, pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel quantization of keys ``[B, H, n, D]`` over groups of ``spec.group`` entries.
 

@@ -97,11 +97,19 @@ class Pipeline(Compressor):
                 s.observe(layer, self._for(s, ctx), query, query_positions, key_mass)
 
     def compress(self, layer: KVLayer, ctx: ScoreContext):
-        """Each compressing stage in turn; returns the layer the last one left (maybe a new object)."""
-        for s in self.stages:
-            if s.compresses:
-                out = s.compress(layer, self._for(s, ctx))
-                layer = out if out is not None else layer
+        """Each compressing stage in turn; returns the layer the last one left (maybe a new object).
+
+        A stage clears ``layer.extra`` when it is done; what was observed there is put back for the
+        stages after it (ZipVL after an eviction reads the observation window's queries too).
+        """
+        observed = dict(layer.extra)
+        stages = [s for s in self.stages if s.compresses]
+        for i, s in enumerate(stages):
+            out = s.compress(layer, self._for(s, ctx))
+            layer = out if out is not None else layer
+            if i + 1 < len(stages) and not getattr(layer, "quantized", False):
+                for key, value in observed.items():
+                    layer.extra.setdefault(key, value)
         return layer
 
     def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:

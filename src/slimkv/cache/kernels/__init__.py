@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..rotation import rotate, unrotate
+
 if TYPE_CHECKING:
     from ..quantized import QuantizedLayer
 
@@ -134,18 +136,23 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
     batch, q_heads, tokens, dim = query.shape
     heads = layer.k_codes.shape[1]
     rows = q_heads // heads * tokens
-    q = query.reshape(batch, heads, rows, dim).contiguous()  # rows ordered (group member, token), as attend_rows
-    if layer.residual.max_length:
-        res_k, res_v, _ = layer.residual.view()  # [B, H, r, D]
-        res_k, res_v = res_k.contiguous(), res_v.contiguous()
-    else:
-        res_k = res_v = q  # not read: no residual entries
+    q = query.reshape(batch, heads, rows, dim)  # rows ordered (group member, token), as attend_rows
+    # the full-precision entries (sinks, then the residual) are read as one block after the codes
+    dense = [part.view()[:2] for part in (layer.sinks, layer.residual) if part is not None and part.max_length]
+    res_k = torch.cat([k for k, _ in dense], dim=2) if dense else q  # [B, H, r, D]
+    res_v = torch.cat([v for _, v in dense], dim=2) if dense else q  # (not read when r == 0)
+    extra = res_k.shape[2] if dense else 0
+    if spec.rotate:  # codes hold K R and V R: rotate the query and the dense entries alike, un-rotate after
+        q, res_k, res_v = rotate(q), rotate(res_k), rotate(res_v)
+    q, res_k, res_v = q.contiguous(), res_k.contiguous(), res_v.contiguous()
     # float16 parameters widened here (a few small vectorized copies; C would convert them one by one)
     k_scale, k_zero, v_scale, v_zero = (t.float() for t in (layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero))
     out = torch.empty_like(q)
-    lib.kivi_decode(batch * heads, layer.quantized_length, layer.residual.max_length, dim, rows, spec.bits,
+    lib.kivi_decode(batch * heads, layer.quantized_length, extra, dim, rows, spec.bits,
                     spec.group, layer.k_pad, layer.k_scale.shape[2], layer.v_scale.shape[-1], scale,
                     _ptr(q), _ptr(layer.k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(layer.v_codes),
                     _ptr(v_scale), _ptr(v_zero), _ptr(res_k), _ptr(res_v), _ptr(out),
                     torch.get_num_threads())
+    if spec.rotate:
+        out = unrotate(out)
     return out.view(batch, heads, q_heads // heads, tokens, dim).reshape(batch, q_heads, tokens, dim)

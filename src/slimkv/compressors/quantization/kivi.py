@@ -38,11 +38,15 @@ class KIVI(Quantizer):
     bits: bits per code (2, 4 or 8), fixed by the registered name (kivi2, kivi4, kivi8)
     group: tokens per key group; values use groups of min(group, head_dim) channels
     residual: newest entries kept in full precision besides a group still filling
+    sinks: oldest entries (attention sinks) kept in full precision
+    rotate: quantize keys and values in a Hadamard-rotated basis (spreads outlier channels; no bytes)
     """
 
     bits: int = field(default=2, init=False)
     group: int = 128
     residual: int = 0
+    sinks: int = 4
+    rotate: bool = True
 
     paper = PAPER
 
@@ -52,13 +56,16 @@ class KIVI(Quantizer):
             raise ConfigError(f"{self.name} group must be >= 1 tokens, got {self.group}")
         if self.residual < 0:
             raise ConfigError(f"{self.name} residual must be >= 0 tokens, got {self.residual}")
+        if self.sinks < 0:
+            raise ConfigError(f"{self.name} sinks must be >= 0 tokens, got {self.sinks}")
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, group=self.group, residual=self.residual)
+        return QuantSpec(bits=self.bits, group=self.group, residual=self.residual, sinks=self.sinks,
+                         rotate=self.rotate)
 
     def params(self) -> str:
-        return f"group={self.group}, residual={self.residual}"
+        return f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate}"
 
     def quantize(self, layer: KVLayer) -> QuantizedLayer:
         return QuantizedLayer.from_layer(layer, self.spec)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ...cache import KVLayer, QuantizedLayer, QuantSpec
+from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
@@ -31,7 +32,7 @@ class MiniKV(Compressor):
     schedule, beta: the layer budget schedule (default pyramid, beta 2: 1.5x the average budget in
           the first layer down to 0.5x in the last)
     window, kernel: SnapKV's observation window and pooling kernel
-    group, residual: KIVI's key group and full-precision residual (see kivi2)
+    group, residual, sinks, rotate: KIVI's key group, full-precision residual and sinks, rotation (see kivi2)
     """
 
     schedule: str = "pyramid"
@@ -40,6 +41,8 @@ class MiniKV(Compressor):
     kernel: int = 7
     group: int = 128
     residual: int = 0
+    sinks: int = 4
+    rotate: bool = True
     _snapkv: SnapKVCompressor = field(init=False, repr=False, compare=False)
 
     name = "minikv"
@@ -54,14 +57,17 @@ class MiniKV(Compressor):
         super().__post_init__()
         self._snapkv = SnapKVCompressor(ratio=self.ratio, budget=self.budget, window=self.window,
                                         kernel=self.kernel)
-        self.spec = QuantSpec(bits=2, group=self.group, residual=self.residual)
+        if self.sinks < 0:
+            raise ConfigError(f"minikv sinks must be >= 0 tokens, got {self.sinks}")
+        self.spec = QuantSpec(bits=2, group=self.group, residual=self.residual, sinks=self.sinks, rotate=self.rotate)
 
     @property
     def compresses(self) -> bool:
         return True  # quantizes even when nothing is evicted
 
     def describe(self) -> str:
-        return f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual})"
+        return (f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual}, "
+                f"sinks={self.sinks}, rotate={self.rotate})")
 
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
