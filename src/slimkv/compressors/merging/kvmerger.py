@@ -180,9 +180,11 @@ class KVMergerCompressor(Compressor):
         weight = torch.exp(-dist / (2 * var)) * m  # [B, H, L]; 0 where nothing is merged
         total = 1.0 + torch.zeros_like(weight).scatter_add_(-1, tgt, weight)  # the pivot weighs 1
         slot = order.gather(-1, tgt)  # target slots in storage order
-        pairs = [(layer.values, values)] + ([(layer.keys, keys)] if self.merge_keys else [])
-        for store, view in pairs:
-            self._fold(store, view, order, total, slot[..., None], weight[..., None])
+        # new tensors rather than writes in place: the cache's tensors may be inference tensors
+        assert layer.keys is not None and layer.values is not None
+        layer.values = self._fold(layer.values, values, order, total, slot[..., None], weight[..., None])
+        if self.merge_keys:
+            layer.keys = self._fold(layer.keys, keys, order, total, slot[..., None], weight[..., None])
 
     @staticmethod
     def _nearest(ks: Tensor, run: Tensor, idx: Tensor, prev: Tensor, nxt: Tensor,
@@ -208,8 +210,8 @@ class KVMergerCompressor(Compressor):
 
     @staticmethod
     def _fold(store: Tensor, view: Tensor, order: Tensor, total: Tensor, slot: Tensor,
-              weight: Tensor) -> None:
-        """Replace every kept slot of ``store`` (keys or values) by its weighted mean, in place.
+              weight: Tensor) -> Tensor:
+        """``store`` (keys or values, [B, H, capacity, D]) with every kept slot replaced by its weighted mean.
 
         view: [B, H, L, D] the slots of ``store`` in use; order: [B, H, L] position order -> slot
         total: [B, H, L] (position order) 1 + the weights a target absorbs; slot, weight: [B, H, L, 1]
@@ -218,4 +220,5 @@ class KVMergerCompressor(Compressor):
         x = view.float().gather(2, order[..., None].expand_as(view))  # position order
         absorbed = torch.zeros_like(x).scatter_add_(2, slot.expand_as(x), x * weight)  # storage order
         norm = torch.ones_like(total).scatter_(-1, order, total)  # storage order
-        store[:, :, : view.shape[2]] = ((view.float() + absorbed) / norm[..., None]).to(store.dtype)
+        merged = ((view.float() + absorbed) / norm[..., None]).to(store.dtype)
+        return torch.cat([merged, store[:, :, view.shape[2]:]], dim=2)
