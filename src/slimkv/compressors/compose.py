@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from ..cache import KVLayer
