@@ -1,5 +1,4 @@
-# Diagnostic for benchmarks/results/kvmerger.md.
-"""Share of the entries SnapKV frees that kvmerger merges (vs drops), one 1k/2k needle sample per haystack."""
+"""Share of the entries SnapKV frees that kvmerger merges (vs drops); the diagnostic behind benchmarks/results/kvmerger.md."""
 import torch
 from slimkv.models import load_model
 from slimkv.engine import Engine, Segments
