@@ -16,6 +16,7 @@ from .conftest import ToyTokenizer, prompt_ids
 ALL = compressors.names()
 EVICTION = [n for n in ALL if compressors.method_info(n).kind == "eviction"]
 QUANT = [n for n in ALL if compressors.method_info(n).kind == "quantization"]
+MERGING = [n for n in ALL if compressors.method_info(n).kind == "merging"]
 LOSSY = [n for n in ALL if n != "none"]
 DECODE = [n for n in EVICTION if "decode" in compressors.method_info(n).phases]
 RATIOS = [0.25, 0.5, 0.75]
@@ -43,7 +44,7 @@ def test_every_method_is_documented(name):
         assert "arXiv" in module_doc or "arXiv" in info.paper
 
 
-@pytest.mark.parametrize("name", EVICTION)
+@pytest.mark.parametrize("name", EVICTION + MERGING + [f"snapkv+{m}" for m in MERGING])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_prefill_keeps_budget_in_bytes(llama, name, ratio):
     engine = engine_for(llama, name, ratio=ratio, phase="prefill")
@@ -82,6 +83,26 @@ def test_kept_entries_keep_original_positions(llama, name):
             assert len(set(positions[0, h].tolist())) == keys.shape[2]  # no duplicates
             torch.testing.assert_close(keys[0, h], ref_keys[0, h, idx[0, h]])
             torch.testing.assert_close(values[0, h], ref_values[0, h, idx[0, h]])
+
+
+@pytest.mark.parametrize("name", MERGING + [f"snapkv+{m}" for m in MERGING])
+def test_merged_entries_keep_original_positions(llama, name):
+    """Merging keeps a subset of positions (unique, original); each kept value is a convex mix of the
+    full cache's values, so it stays within their per-channel range."""
+    ids = prompt_ids(64, seed=3)
+    full = engine_for(llama, "none")
+    comp = engine_for(llama, name, ratio=0.5)
+    with full.adapter.attached():
+        ref, _ = full.prepare(Segments(ids, []))
+        cache, _ = comp.prepare(Segments(ids, []))
+    for ref_layer, layer in zip(ref.layers, cache.layers):
+        _, values, positions = layer.view()
+        ref_values = ref_layer.view()[1]
+        assert positions.min() >= 0 and positions.max() < 64
+        for h in range(values.shape[1]):
+            assert len(set(positions[0, h].tolist())) == values.shape[2] == 32
+        lo, hi = ref_values.amin(2, keepdim=True), ref_values.amax(2, keepdim=True)
+        assert bool((values >= lo - 1e-5).all()) and bool((values <= hi + 1e-5).all())
 
 
 def hf_greedy_logits(model, ids, steps):
@@ -196,7 +217,7 @@ def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
         assert elements * (bits + 1.75) < stats.bytes_kept * 8 < elements * (high + 1.75 + 1)
 
 
-@pytest.mark.parametrize("evict", EVICTION)
+@pytest.mark.parametrize("evict", EVICTION + MERGING + [f"snapkv+{m}" for m in MERGING])
 @pytest.mark.parametrize("name", QUANT)
 def test_quantizer_composes_with_every_eviction_method(llama, evict, name):
     engine = Engine(llama, ToyTokenizer(), compressors.make_compressor(f"{evict}+{name}", ratio=0.5))
@@ -207,6 +228,7 @@ def test_quantizer_composes_with_every_eviction_method(llama, evict, name):
     # int16 positions at these tiny sizes (45 entries, 16 channels), against 32-bit dense entries
     # (+ the attention sinks a quantizer keeps in full precision: a dense entry each, and their lengths)
     after, spec = result.cache_after_prefill, engine.adapter.spec
-    sinks = getattr(engine.compressor.stages[1], "sinks", 0)
+    quantizer = engine.compressor.stages[-1]
+    sinks = getattr(quantizer, "sinks", 0)
     sink_bytes = sinks * spec.bytes_per_token + (spec.layers * spec.kv_heads * 8 if sinks else 0)
-    assert after.bytes_kept < after.bytes_full / 2 * (engine.compressor.stages[1].bits + 4) / 32 + sink_bytes
+    assert after.bytes_kept < after.bytes_full / 2 * (quantizer.bits + 4) / 32 + sink_bytes

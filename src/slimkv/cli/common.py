@@ -21,12 +21,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def add_compressor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compressor", default="none", metavar="NAME",
-                   help="compression method (default none = full cache), or an eviction method then a "
-                        "quantizer joined by '+', e.g. snapkv+kivi2; `slimkv methods` lists them")
+                   help="compression method (default none = full cache), or methods joined by '+' in "
+                        "the order eviction, merging, quantization, e.g. snapkv+kivi2, snapkv+kvmerger "
+                        "(freed entries merged, not dropped); `slimkv methods` lists them")
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--ratio", type=float, default=None,
                         help="fraction of KV entries removed, in [0, 1) (0.75 keeps a quarter); in a "
-                             "composition it goes to the eviction method")
+                             "composition it goes to the eviction and merging methods")
     amount.add_argument("--budget", type=int, default=None, help="KV entries kept per layer and KV head")
     p.add_argument("--phase", choices=["prefill", "decode", "both"], default=None,
                    help="when to compress: the prompt, while generating, or both (default: the method's)")

@@ -27,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
         params = f" [{', '.join(m.params)}]" if m.params else ""
         print(f"{m.name:<{width}}  {m.kind:<12} {phases:<15} {m.summary}{params}")
         print(f"{'':<{width}}  paper: {m.paper}")
-    print("\nCompose an eviction method and a quantizer with '+', eviction first: "
-          "--compressor snapkv+kivi2 --ratio 0.5")
+    print("\nCompose with '+' in the order eviction, merging, quantization: --compressor snapkv+kivi2 "
+          "--ratio 0.5; snapkv+kvmerger merges what SnapKV frees instead of dropping it")
     return 0

@@ -7,13 +7,16 @@ Contract (who calls what, in which order; the engine drives it, see ``engine/for
    mass (H2O) keep it in the layer (``layer.extra`` / ``layer.slot_state``). ``key_mass`` is passed
    only to methods with ``needs_key_mass = True``; it costs an explicit attention computation.
 2. ``compress(layer, ctx)`` - after a prefill segment (prefill phase) or after a multi-token pass in
-   the decode phase: keep the ``ctx.keep`` highest-scored entries of every row; the rest is freed.
+   the decode phase: ``select`` the ``ctx.keep`` highest-scored entries of every row, let ``merge``
+   fold the others into the kept ones (merging methods; eviction methods drop them), then free them.
    It may return a layer object that replaces ``layer`` in the cache (quantizers return a
    :class:`~slimkv.cache.QuantizedLayer`); eviction methods shrink the layer in place and return None.
+   A pipeline passes its merging stage as ``merger``: the eviction stage chooses, the merger folds.
 3. ``make_room(layer, ctx)`` - decode phase, before one new token is written: for rows at their
    budget, pick the entry to evict (the lowest score); the new token takes its slot.
 
-``score(layer, ctx) -> [batch, kv_heads, L]`` (higher = keep) is the one method a method overrides.
+``score(layer, ctx) -> [batch, kv_heads, L]`` (higher = keep) is the one method an eviction method
+overrides; a merging method (``merging/``) overrides ``merge`` as well.
 Scores of free slots are ignored. Budgets: ``ratio`` is the fraction of entries *removed* (kvpress's
 convention: 0.75 keeps a quarter) relative to every token seen; ``budget`` is a fixed number of entries
 kept per layer and KV head.
@@ -135,9 +138,43 @@ class Compressor:
         key_mass: [batch, kv_heads, L] attention each slot received, if ``needs_key_mass``
         """
 
+    def merge(self, layer: KVLayer, ctx: ScoreContext, kept: Tensor, lengths: Tensor | None) -> None:
+        """Fold the entries about to be freed into kept ones, in place (merging methods override this).
+
+        kept:    [batch, kv_heads, k] slots each row keeps (the rest of ``layer.view()`` is freed next)
+        lengths: None, or [batch, kv_heads] for ragged rows: a row keeps only its first ``lengths`` slots
+        The default drops them (eviction).
+        """
+
     # ------------------------------------------------------------------ driven by the engine
-    def compress(self, layer: KVLayer, ctx: ScoreContext) -> None:
-        """Keep the ``ctx.keep`` best entries of every row; free the rest (real bytes)."""
+    def select(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor | None]:
+        """The ``ctx.keep`` best slots of every row by ``score``: ``(kept [B, H, k], lengths or None)``.
+
+        Call only when some row holds more than ``ctx.keep`` entries. For ragged rows ``lengths``
+        [B, H] says how many of a row's ``kept`` slots are real (the rest repeat a slot, see ``KVLayer.keep``).
+        """
+        assert layer.lengths is not None
+        keep = ctx.keep.to(layer.lengths.device)[:, None]  # [B, 1]
+        scores = self.score(layer, ctx).float()
+        if not layer.uniform:
+            scores = scores.masked_fill(~layer.valid_mask(), float("-inf"))
+        lengths = torch.minimum(layer.lengths, keep)  # [B, H]
+        k = int(lengths.max())
+        indices = scores.topk(k, dim=-1).indices  # [B, H, k], best first
+        if not bool((lengths != k).any()):
+            return indices, None
+        # rows keep only their first `lengths` choices; the rest become free slots at the tail
+        length = scores.shape[-1]
+        rank = torch.arange(k, device=indices.device)
+        indices = torch.where(rank < lengths[..., None], indices, length)
+        return indices.sort(dim=-1).values.clamp(max=length - 1), lengths
+
+    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> None:
+        """Keep the ``ctx.keep`` best entries of every row; merge or free the rest (real bytes).
+
+        merger: the method whose ``merge`` folds the freed entries into the kept ones (a pipeline's
+                merging stage); default this method's own ``merge``
+        """
         if not layer.initialized:
             return
         assert layer.lengths is not None
@@ -145,20 +182,9 @@ class Compressor:
         if bool((layer.lengths <= keep).all()):
             layer.extra.clear()
             return
-        scores = self.score(layer, ctx).float()
-        if not layer.uniform:
-            scores = scores.masked_fill(~layer.valid_mask(), float("-inf"))
-        lengths = torch.minimum(layer.lengths, keep)  # [B, H]
-        k = int(lengths.max())
-        indices = scores.topk(k, dim=-1).indices  # [B, H, k], best first
-        ragged = bool((lengths != k).any())
-        if ragged:
-            # rows keep only their first `lengths` choices; the rest become free slots at the tail
-            length = scores.shape[-1]
-            rank = torch.arange(k, device=indices.device)
-            indices = torch.where(rank < lengths[..., None], indices, length)
-            indices = indices.sort(dim=-1).values.clamp(max=length - 1)
-        layer.keep(indices, lengths if ragged else None)
+        indices, lengths = self.select(layer, ctx)
+        (merger or self).merge(layer, ctx, indices, lengths)
+        layer.keep(indices, lengths)
         layer.extra.clear()
 
     def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:

@@ -1,14 +1,26 @@
 """Composition: several methods applied to the same cache in order, e.g. SnapKV eviction then KIVI.
 
 Contract: a :class:`Pipeline` is a :class:`~slimkv.compressors.Compressor` to the engine. Its
-``compress`` runs each stage's ``compress`` in order on the layer a previous stage left (a quantizer
-returns a new, quantized layer), so eviction scores are computed on full-precision entries and only
-what is kept gets quantized; positions stay explicit per entry throughout. ``observe`` goes to every
-stage active in the phase, ``make_room`` to the one stage that acts while decoding (if any).
+``compress`` runs its steps in order on the layer a previous step left (a quantizer returns a new,
+quantized layer), so eviction scores are computed on full-precision entries and only what is kept
+gets quantized; positions stay explicit per entry throughout. ``observe`` goes to every stage active
+in the phase (but a merging stage after an eviction stage, which only merges), ``make_room`` to the
+one stage that acts while decoding (if any).
+
+What the kinds mean together, by example:
+
+- ``snapkv+kivi2``: evict, then quantize what is kept.
+- ``snapkv+kvmerger``: SnapKV chooses the kept set; the entries it frees are not dropped but handed
+  to KVMerger's ``merge``, which folds each into a kept neighbour of similar key (Gaussian weights).
+  The pipeline keeps the smaller of the two stages' budgets.
+- ``snapkv+keydiff`` (eviction + eviction): one selection by the *average rank* of the methods'
+  scores (each entry's rank within its row, 0 = worst, 1 = best, averaged; an entry a method always
+  keeps - its window or sinks - stays kept). Prefill phase only, with the smallest budget.
 
 Order rules (checked at configuration time, :class:`ConfigError` otherwise), by the stages' kinds:
-eviction, then merging, then quantization; at most one stage of each kind (two eviction methods
-would need a rule saying which gets the ratio); at most one stage acting in the decode phase, and none
+eviction, then merging, then quantization; at most one merging and one quantization stage; a merging
+stage merges only what a prefill eviction frees (an eviction method acting while decoding frees one
+entry per step, which nothing would merge); at most one stage acting in the decode phase, and none
 with a quantizer (quantized entries cannot be evicted one at a time). By name, ``a+b`` gives
 ``ratio``, ``budget`` and ``phase`` to every stage that is not a quantizer.
 """
@@ -16,7 +28,7 @@ with a quantizer (quantized entries cannot be evicted one at a time). By name, `
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -36,6 +48,8 @@ class Pipeline(Compressor):
     """
 
     stages: tuple[Compressor, ...] = ()
+    _plan: tuple[tuple[Compressor, Compressor | None], ...] = field(init=False, repr=False, compare=False,
+                                                                    default=())
 
     kind = "pipeline"
     paper = "-"
@@ -51,6 +65,7 @@ class Pipeline(Compressor):
             raise ConfigError("a pipeline needs at least two stages, e.g. snapkv+kivi2")
         self.name = "+".join(s.name for s in self.stages)
         _check_order(self.stages)
+        self._plan = _plan(self.name, self.stages)
         deciders = [s for s in self.stages if s.active("decode")]
         quantizing = any(getattr(s, "quantizes", False) for s in self.stages)
         if deciders and quantizing:
@@ -92,22 +107,28 @@ class Pipeline(Compressor):
                 key_mass: Tensor | None) -> None:
         if getattr(layer, "quantized", False):
             return  # nothing will be evicted from a quantized layer: no need to watch it
+        merge_only = {id(m) for _, m in self._plan if m is not None}
         for s in self.stages:
-            if s.active(ctx.phase):
+            if s.active(ctx.phase) and id(s) not in merge_only:
                 s.observe(layer, self._for(s, ctx), query, query_positions, key_mass)
 
     def compress(self, layer: KVLayer, ctx: ScoreContext):
-        """Each compressing stage in turn; returns the layer the last one left (maybe a new object).
+        """Each compressing step in turn; returns the layer the last one left (maybe a new object).
 
-        A stage clears ``layer.extra`` when it is done; what was observed there is put back for the
-        stages after it (ZipVL after an eviction reads the observation window's queries too).
+        A step clears ``layer.extra`` when it is done; what was observed there is put back for the
+        steps after it (ZipVL after an eviction reads the observation window's queries too).
         """
         observed = dict(layer.extra)
-        stages = [s for s in self.stages if s.compresses]
-        for i, s in enumerate(stages):
-            out = s.compress(layer, self._for(s, ctx))
-            layer = out if out is not None else layer
-            if i + 1 < len(stages) and not getattr(layer, "quantized", False):
+        steps = [(step, merger) for step, merger in self._plan
+                 if step.compresses or (merger is not None and merger.compresses)]
+        for i, (step, merger) in enumerate(steps):
+            if merger is not None:
+                keep = self._for(step, ctx).keep.minimum(self._for(merger, ctx).keep)
+                step.compress(layer, dataclasses.replace(ctx, keep=keep), merger=merger)
+            else:
+                out = step.compress(layer, self._for(step, ctx))
+                layer = out if out is not None else layer
+            if i + 1 < len(steps) and not getattr(layer, "quantized", False):
                 for key, value in observed.items():
                     layer.extra.setdefault(key, value)
         return layer
@@ -136,16 +157,90 @@ def _check_order(stages: tuple[Compressor, ...]) -> None:
             )
     ranks = [ORDER.index(s.kind) for s in stages]
     for a, b, ra, rb in zip(stages, stages[1:], ranks, ranks[1:]):
-        if ra == rb:
+        if ra == rb and a.kind != "eviction":
             raise ConfigError(
                 f"{name}: {a.name} and {b.name} are both {a.kind} methods; a pipeline takes at most one "
-                "of each kind"
+                f"{a.kind} method (several eviction methods are combined by rank, e.g. snapkv+keydiff)"
             )
         if ra > rb:
             raise ConfigError(
                 f"{name}: {b.name} ({b.kind}) must come before {a.name} ({a.kind}); stages go "
                 f"{' -> '.join(ORDER)}, e.g. {b.name}+{a.name}"
             )
+
+
+def _plan(name: str, stages: tuple[Compressor, ...]) -> tuple[tuple[Compressor, Compressor | None], ...]:
+    """The steps ``compress`` runs: (method, the merging stage folding what it frees, or None).
+
+    Consecutive eviction stages become one :class:`RankAverage`; a merging stage right after an
+    eviction step becomes that step's merger.
+    """
+    evicting = [s for s in stages if s.kind == "eviction"]
+    steps: list[tuple[Compressor, Compressor | None]] = []
+    if len(evicting) > 1:
+        deciding = [s.name for s in evicting if s.active("decode") or not s.active("prefill")]
+        if deciding:
+            raise ConfigError(
+                f"{name}: eviction methods are combined by averaging their ranks once, after the prompt; "
+                f"{deciding[0]} is set to act while decoding; use --phase prefill, or one eviction method"
+            )
+        steps.append((RankAverage(members=tuple(evicting)), None))
+    elif evicting:
+        steps.append((evicting[0], None))
+    for s in stages:
+        if s.kind == "merging" and steps:
+            lead = steps[-1][0]
+            if lead.active("decode"):
+                raise ConfigError(
+                    f"{name}: {s.name} merges what an eviction method frees after the prompt, but "
+                    f"{lead.name} also evicts while decoding (one entry per step, which nothing would "
+                    f"merge); use --phase prefill, or {lead.name} alone for decode-phase eviction"
+                )
+            steps[-1] = (lead, s)
+        elif s.kind != "eviction":
+            steps.append((s, None))
+    return tuple(steps)
+
+
+@dataclass
+class RankAverage(Compressor):
+    """Several eviction methods as one: keep the entries with the best average rank of their scores.
+
+    members: the eviction methods (each observes as usual); the budget is the smallest of theirs
+    """
+
+    members: tuple[Compressor, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.name = "+".join(m.name for m in self.members)
+        lead = self.members[0]
+        self.ratio, self.budget, self.phase = lead.ratio, lead.budget, "prefill"
+        self.needs_key_mass = any(m.needs_key_mass for m in self.members)
+
+    @property
+    def compresses(self) -> bool:
+        return any(m.compresses for m in self.members)
+
+    def keep_for(self, seen: Tensor, layer_idx: int = 0, num_layers: int = 1) -> Tensor:
+        keep = seen.clone()
+        for m in self.members:
+            keep = keep.minimum(m.keep_for(seen, layer_idx, num_layers))
+        return keep
+
+    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+        """Mean over members of each entry's rank in its row, in [0, 1); inf where any member insists."""
+        total, pinned = None, None
+        valid = None if layer.uniform else layer.valid_mask()
+        for m in self.members:
+            s = m.score(layer, ctx).float()  # [B, H, L]
+            if valid is not None:
+                s = s.masked_fill(~valid, float("-inf"))
+            rank = s.argsort(dim=-1).argsort(dim=-1).float() / s.shape[-1]
+            inf = s == float("inf")
+            total = rank if total is None else total + rank
+            pinned = inf if pinned is None else pinned | inf
+        assert total is not None and pinned is not None
+        return (total / len(self.members)).masked_fill(pinned, float("inf"))
 
 
 def compose(names: list[str], ratio: float | None = None, budget: int | None = None,

@@ -10,6 +10,7 @@ never the prompt's full n x n attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ class SnapKVCompressor(Compressor):
     name = "snapkv"
     paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
     supported_phases = ("prefill",)
+    #: prefix of the ``layer.extra`` entries holding the window (methods that reuse these votes use their own)
+    state: ClassVar[str] = "snapkv"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,18 +53,18 @@ class SnapKVCompressor(Compressor):
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         q, pos = query, query_positions  # [B, Hq, T, D], [B, T]
-        prev = layer.extra.get("snapkv_q")
+        prev = layer.extra.get(f"{self.state}_q")
         if prev is not None and prev.shape[0] == q.shape[0]:
             q = torch.cat([prev, q], dim=2)
-            pos = torch.cat([layer.extra["snapkv_pos"], pos], dim=1)
-        layer.extra["snapkv_q"] = q[:, :, -self.window :].contiguous()
-        layer.extra["snapkv_pos"] = pos[:, -self.window :].contiguous()
+            pos = torch.cat([layer.extra[f"{self.state}_pos"], pos], dim=1)
+        layer.extra[f"{self.state}_q"] = q[:, :, -self.window :].contiguous()
+        layer.extra[f"{self.state}_pos"] = pos[:, -self.window :].contiguous()
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        if "snapkv_q" not in layer.extra:
+        if f"{self.state}_q" not in layer.extra:
             raise RuntimeError("snapkv scores need the observation window; no prefill was observed")
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        q, qpos = layer.extra["snapkv_q"], layer.extra["snapkv_pos"]  # [B, Hq, w, D], [B, w]
+        q, qpos = layer.extra[f"{self.state}_q"], layer.extra[f"{self.state}_pos"]  # [B, Hq, w, D], [B, w]
         batch, heads, length, dim = keys.shape
         groups, w = q.shape[1] // heads, q.shape[2]
         logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
