@@ -29,6 +29,10 @@ def test_methods_json_lists_every_compressor(capsys):
     (["--budget", "0", "--prompt", "hi"], "budget must be"),
     (["--compressor", "bogus", "--prompt", "hi"], "valid compressors: "),
     (["--prompt-file", "/no/such/file"], "does not exist"),
+    (["--compressor", "h2o", "--ratio", "0.5", "--phase", "decode", "--allocation", "head", "--prompt", "hi"],
+     "use phase='prefill'"),
+    (["--compressor", "snapkv+kivi2", "--ratio", "0.5", "--allocation", "head", "--prompt", "hi"],
+     "cannot be given to a composition"),
     (["--prompt", "   "], "prompt is empty"),
     (["--context", "some text"], "needs --question"),
     (["--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
@@ -44,3 +48,16 @@ def test_argparse_rejects_ratio_and_budget_together(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--ratio", "0.5", "--budget", "3", "--prompt", "x"])
     assert exc.value.code == 2
+
+
+def test_allocation_flag_reaches_the_compressor():
+    import argparse
+
+    from slimkv.cli.common import build_compressor
+
+    args = argparse.Namespace(compressor="knorm", ratio=0.5, budget=None, phase=None, allocation="head")
+    assert build_compressor(args).allocation == "head"
+    args.allocation = None  # the method's own default
+    assert build_compressor(args).allocation == "uniform"
+    args.compressor = "adasnapkv"
+    assert build_compressor(args).allocation == "head"

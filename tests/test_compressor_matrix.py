@@ -8,6 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from slimkv import compressors
+from slimkv.cache import RaggedLayer
+from slimkv.cache.ragged import BLOCK
 from slimkv.engine import Engine, GenerationConfig, Segments
 from slimkv.engine.forward import ForwardContext
 
@@ -19,6 +21,8 @@ QUANT = [n for n in ALL if compressors.method_info(n).kind == "quantization"]
 MERGING = [n for n in ALL if compressors.method_info(n).kind == "merging"]
 LOSSY = [n for n in ALL if n != "none"]
 DECODE = [n for n in EVICTION if "decode" in compressors.method_info(n).phases]
+# methods spending a layer's budget across KV heads by score: heads keep different counts (ragged pages)
+HEADWISE = [n for n in EVICTION if compressors.make_compressor(n).allocation == "head"]
 RATIOS = [0.25, 0.5, 0.75]
 
 
@@ -57,13 +61,26 @@ def test_prefill_keeps_budget_in_bytes(llama, name, ratio):
     per_layer = [int(comp.keep_for(torch.tensor([80]), i, spec.layers)) for i in range(spec.layers)]
     assert abs(sum(per_layer) - keep * spec.layers) < spec.layers  # a schedule spreads the same total
     for layer, n in zip(cache.layers, per_layer):
+        if name in HEADWISE:  # the layer's total is spent across heads; pages hold each head's own count
+            assert int(layer.lengths.sum()) <= n * spec.kv_heads
+            if not comp.excludes:  # fastgen may keep less than the cap
+                assert int(layer.lengths.sum()) == n * spec.kv_heads
+            # paged (or dense, where padding costs less than pages): under one page of slack per head
+            slack = spec.kv_heads * (BLOCK - 1)
+            entries = int(layer.lengths.sum()) / spec.kv_heads
+            paged = isinstance(layer, RaggedLayer)
+            table = 4 * spec.kv_heads * (-(-int(layer.lengths.max()) // BLOCK)) if paged else 0
+            assert expected_bytes(entries, spec) <= layer.nbytes() - table
+            assert layer.nbytes() - table <= expected_bytes(entries + slack / spec.kv_heads, spec)
+            continue
         assert layer.lengths.tolist() == [[n] * spec.kv_heads]
         assert layer.capacity == n  # storage really shrank, no masked slack
         assert layer.nbytes() == expected_bytes(n, spec, slot_states=len(layer.slot_state))
     stats = cache.stats()
     assert stats.tokens_full == 80 and abs(stats.tokens_kept - keep) <= 1
     assert stats.bytes_full == 80 * spec.bytes_per_token
-    assert stats.bytes_kept < stats.bytes_full * (1 - ratio) * 1.1
+    if name not in HEADWISE:  # (head-wise: bounded per layer above, entries plus under a page per head)
+        assert stats.bytes_kept < stats.bytes_full * (1 - ratio) * 1.1
 
 
 @pytest.mark.parametrize("name", EVICTION)
@@ -80,9 +97,10 @@ def test_kept_entries_keep_original_positions(llama, name):
         idx = positions.long()
         assert positions.min() >= 0 and positions.max() < 64
         for h in range(keys.shape[1]):
-            assert len(set(positions[0, h].tolist())) == keys.shape[2]  # no duplicates
-            torch.testing.assert_close(keys[0, h], ref_keys[0, h, idx[0, h]])
-            torch.testing.assert_close(values[0, h], ref_values[0, h, idx[0, h]])
+            n = int(layer.lengths[0, h])  # heads of a head-wise method keep different counts
+            assert len(set(positions[0, h, :n].tolist())) == n  # no duplicates
+            torch.testing.assert_close(keys[0, h, :n], ref_keys[0, h, idx[0, h, :n]])
+            torch.testing.assert_close(values[0, h, :n], ref_values[0, h, idx[0, h, :n]])
 
 
 @pytest.mark.parametrize("name", MERGING + [f"snapkv+{m}" for m in MERGING])
@@ -170,7 +188,7 @@ def test_decode_phase_stays_within_budget(llama, name):
     assert result.cache.bytes_kept <= spec.layers * expected_bytes(budget, spec, slot_states=1)
 
 
-@pytest.mark.parametrize("name", ["none", "snapkv", "h2o", "streaming_llm"])
+@pytest.mark.parametrize("name", ["none", "snapkv", "h2o", "streaming_llm", *HEADWISE])
 def test_batch_of_two_decodes_like_each_alone(llama, name):
     a, b = Segments(prompt_ids(30, seed=4), []), Segments(prompt_ids(45, seed=5), [])
     engine = engine_for(llama, name, ratio=0.5 if name != "none" else None)
@@ -217,7 +235,15 @@ def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
         assert elements * (bits + 1.75) < stats.bytes_kept * 8 < elements * (high + 1.75 + 1)
 
 
-@pytest.mark.parametrize("evict", EVICTION + MERGING + [f"snapkv+{m}" for m in MERGING])
+@pytest.mark.parametrize("evict", HEADWISE)
+def test_headwise_methods_refuse_quantizers(evict):
+    """A quantized layer needs equal rows; a head-wise method is refused at configuration time."""
+    with pytest.raises(compressors.registry.ConfigError, match="same number of entries"):
+        compressors.make_compressor(f"{evict}+kivi2", ratio=0.5)
+
+
+@pytest.mark.parametrize("evict", [n for n in EVICTION if n not in HEADWISE] + MERGING
+                         + [f"snapkv+{m}" for m in MERGING])
 @pytest.mark.parametrize("name", QUANT)
 def test_quantizer_composes_with_every_eviction_method(llama, evict, name):
     engine = Engine(llama, ToyTokenizer(), compressors.make_compressor(f"{evict}+{name}", ratio=0.5))

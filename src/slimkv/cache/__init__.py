@@ -3,5 +3,6 @@
 from .cache import CacheMark, CacheSpec, CacheStats, SlimCache
 from .layer import KVLayer
 from .quantized import QuantizedLayer, QuantSpec
+from .ragged import RaggedLayer
 
-__all__ = ["CacheMark", "CacheSpec", "CacheStats", "KVLayer", "QuantizedLayer", "QuantSpec", "SlimCache"]
+__all__ = ["CacheMark", "CacheSpec", "CacheStats", "KVLayer", "QuantizedLayer", "QuantSpec", "RaggedLayer", "SlimCache"]

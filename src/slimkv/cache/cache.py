@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .layer import KVLayer
 from .quantized import QuantizedLayer
+from .ragged import RaggedLayer
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class SlimCache:
 
     def __init__(self, spec: CacheSpec, batch: int = 1) -> None:
         self.spec = spec
-        self.layers: list[KVLayer | QuantizedLayer] = [KVLayer() for _ in range(spec.layers)]
+        self.layers: list[KVLayer | RaggedLayer | QuantizedLayer] = [KVLayer() for _ in range(spec.layers)]
         self.seen = [0] * batch
 
     @property
@@ -141,6 +142,8 @@ class SlimCache:
 
 def _stack_layers(layers: list) -> KVLayer | QuantizedLayer:
     kinds = {type(layer) for layer in layers}
+    if kinds == {KVLayer, RaggedLayer}:  # some sequences kept head-wise budgets: the batch is ragged
+        return RaggedLayer.stack(layers)
     if len(kinds) > 1:
         raise ValueError("cannot decode quantized and full-precision caches in one batch; use one compressor")
     return kinds.pop().stack(layers)

@@ -22,6 +22,9 @@ The entries of a row live in slots ``[0, length)``; slots past a row's length ar
 different numbers of entries (different sequences of a batch, or different KV heads), and entries
 inside a row are unordered: attention masks by *position*, never by slot, so eviction can overwrite
 any slot. RoPE was applied to the keys at their original positions, which therefore never change.
+Rows of different lengths are padded to the longest here; when KV heads get different budgets
+(head-wise allocation, FastGen) the layer is replaced by the paged :class:`~slimkv.cache.RaggedLayer`
+(``ragged.py``), which holds each row's own entries plus under one page.
 """
 
 from __future__ import annotations

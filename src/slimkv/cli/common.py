@@ -31,12 +31,17 @@ def add_compressor_options(p: argparse.ArgumentParser) -> None:
     amount.add_argument("--budget", type=int, default=None, help="KV entries kept per layer and KV head")
     p.add_argument("--phase", choices=["prefill", "decode", "both"], default=None,
                    help="when to compress: the prompt, while generating, or both (default: the method's)")
+    p.add_argument("--allocation", choices=["uniform", "head"], default=None,
+                   help="how a layer's budget is spread over its KV heads: uniform (the same for every head) "
+                        "or head (AdaKV: by score over all heads, prefill phase only; heads are stored "
+                        "ragged, in pages). Default: the method's (head for adasnapkv and fastgen)")
 
 
 def build_compressor(args: argparse.Namespace):
     from ..compressors import make_compressor
 
-    return make_compressor(args.compressor, ratio=args.ratio, budget=args.budget, phase=args.phase)
+    params = {} if getattr(args, "allocation", None) is None else {"allocation": args.allocation}
+    return make_compressor(args.compressor, ratio=args.ratio, budget=args.budget, phase=args.phase, **params)
 
 
 def open_store(spec: str):

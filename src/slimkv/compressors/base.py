@@ -19,7 +19,9 @@ Contract (who calls what, in which order; the engine drives it, see ``engine/for
 overrides; a merging method (``merging/``) overrides ``merge`` as well.
 Scores of free slots are ignored. Budgets: ``ratio`` is the fraction of entries *removed* (kvpress's
 convention: 0.75 keeps a quarter) relative to every token seen; ``budget`` is a fixed number of entries
-kept per layer and KV head.
+kept per layer and KV head. ``allocation="head"`` spends a layer's budget across its KV heads by
+score instead of giving each head the same share (AdaKV, ``allocation.py``); the layer then becomes a
+paged :class:`~slimkv.cache.RaggedLayer`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..cache import KVLayer
+from ..cache import KVLayer, RaggedLayer
+from ..cache.ragged import pages_pay
 from ..errors import ConfigError
+from .allocation import allocate_heads, check_allocation
 from .schedules import check_schedule, layer_keep
 
 PHASES = ("prefill", "decode", "both")
@@ -45,6 +49,8 @@ class ScoreContext:
     keep: [batch] entries each row of this layer should hold after the operation
     seen: [batch] tokens processed per sequence, counting a token about to be added
     phase: "prefill" or "decode"
+    punctuation: [batch, tokens] bool, which new tokens of this pass are punctuation; given to
+                 observers with ``needs_punctuation`` during prefill (None otherwise)
     """
 
     layer_idx: int
@@ -52,6 +58,7 @@ class ScoreContext:
     keep: Tensor
     seen: Tensor
     phase: str
+    punctuation: Tensor | None = None
 
 
 @dataclass
@@ -64,6 +71,9 @@ class Compressor:
     phase:  "prefill", "decode" or "both"; None picks the method's ``default_phase``
     schedule: how the budget is spread over layers: "uniform" or "pyramid" (``schedules.py``)
     beta:   steepness of the pyramid: the last layer keeps 1/beta of the mean budget
+    allocation: how a layer's budget is spread over its KV heads: "uniform" (the same for every head)
+            or "head" (AdaKV: by score over all heads of the layer; prefill phase only; ``allocation.py``)
+    floor:  with allocation="head", the share of its uniform budget every head keeps at least
     """
 
     ratio: float | None = None
@@ -71,6 +81,8 @@ class Compressor:
     phase: str | None = None
     schedule: str = "uniform"
     beta: float = 20.0
+    allocation: str = "uniform"
+    floor: float = 0.2
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "eviction"
@@ -78,6 +90,8 @@ class Compressor:
     supported_phases: ClassVar[tuple[str, ...]] = ("prefill",)
     default_phase: ClassVar[str] = "prefill"
     needs_key_mass: ClassVar[bool] = False
+    needs_punctuation: ClassVar[bool] = False  # observe() reads ctx.punctuation (FastGen)
+    excludes: ClassVar[bool] = False  # score() gives -inf to entries never kept, even under budget
     quantizes: ClassVar[bool] = False  # stores entries in fewer bits (see ``quantization/``)
 
     def __post_init__(self) -> None:
@@ -93,6 +107,7 @@ class Compressor:
         check_schedule(self.schedule, self.beta)
         if self.phase is None:
             self.phase = self.default_phase
+        check_allocation(self.allocation, self.floor, self.phase)
         if self.phase not in PHASES:
             raise ConfigError(f"phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
         wanted = ("prefill", "decode") if self.phase == "both" else (self.phase,)
@@ -115,6 +130,8 @@ class Compressor:
     def describe(self) -> str:
         amount = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio or 0}"
         layers = "" if self.schedule == "uniform" else f", schedule={self.schedule}"
+        if self.allocation != "uniform":
+            layers += f", allocation={self.allocation}, floor={self.floor}"
         return f"{self.name}({amount}, phase={self.phase}{layers})"
 
     def keep_for(self, seen: Tensor, layer_idx: int = 0, num_layers: int = 1) -> Tensor:
@@ -169,14 +186,17 @@ class Compressor:
         indices = torch.where(rank < lengths[..., None], indices, length)
         return indices.sort(dim=-1).values.clamp(max=length - 1), lengths
 
-    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> None:
+    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
         """Keep the ``ctx.keep`` best entries of every row; merge or free the rest (real bytes).
 
         merger: the method whose ``merge`` folds the freed entries into the kept ones (a pipeline's
                 merging stage); default this method's own ``merge``
+        Returns a layer that replaces ``layer`` (a :class:`RaggedLayer` after head-wise allocation) or None.
         """
         if not layer.initialized:
-            return
+            return None
+        if self.allocation == "head":
+            return self._compress_heads(layer, ctx, merger)
         assert layer.lengths is not None
         keep = ctx.keep.to(layer.lengths.device)[:, None]  # [B, 1]
         if bool((layer.lengths <= keep).all()):
@@ -186,6 +206,31 @@ class Compressor:
         (merger or self).merge(layer, ctx, indices, lengths)
         layer.keep(indices, lengths)
         layer.extra.clear()
+
+    def _compress_heads(self, layer: KVLayer, ctx: ScoreContext,
+                        merger: Compressor | None = None) -> KVLayer | None:
+        """Keep ``kv_heads * ctx.keep`` entries per sequence, shared by score over the heads (AdaKV).
+
+        Returns a :class:`RaggedLayer` replacing ``layer`` when heads end up with different counts.
+        """
+        assert layer.lengths is not None
+        keep = ctx.keep.to(layer.lengths.device)  # [B]
+        total = keep * layer.lengths.shape[1]
+        if bool((layer.lengths.sum(dim=-1) <= total).all()) and not self.excludes:
+            layer.extra.clear()
+            return None
+        scores = self.score(layer, ctx).float().masked_fill(~layer.valid_mask(), float("-inf"))
+        lengths, indices = allocate_heads(scores, total, (keep.double() * self.floor).long())
+        if merger is not None or type(self).merge is not Compressor.merge:
+            if isinstance(layer, RaggedLayer):
+                raise ValueError("merging into a paged (ragged) layer is not supported; "
+                                 "merge on the first compression")
+            (merger or self).merge(layer, ctx, indices, lengths)
+        layer.keep(indices, lengths)
+        layer.extra.clear()
+        if isinstance(layer, RaggedLayer) or not pages_pay(lengths):
+            return None  # (equal or nearly equal heads: padding costs less than pages)
+        return RaggedLayer.from_layer(layer)
 
     def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         """Decode phase: ``(victim slots [B, H], full [B, H])`` before one token is added, or None."""

@@ -74,6 +74,13 @@ class Pipeline(Compressor):
                 "at a time, which a quantized layer does not do; use --phase prefill (evict the prompt, "
                 "then quantize what is kept)"
             )
+        headwise = [s for s in self.stages if s.allocation == "head"]
+        if headwise and quantizing:
+            raise ConfigError(
+                f"{self.name}: {headwise[0].name} gives KV heads different budgets (a ragged, paged layer), "
+                "and a quantized layer needs every head to hold the same number of entries; use "
+                "allocation='uniform' (or a uniform method such as snapkv) with a quantizer"
+            )
         if len(deciders) > 1:
             raise ConfigError(f"{self.name}: at most one stage may act in the decode phase")
         evicting = [s for s in self.stages if not getattr(s, "quantizes", False)]
@@ -124,7 +131,8 @@ class Pipeline(Compressor):
         for i, (step, merger) in enumerate(steps):
             if merger is not None:
                 keep = self._for(step, ctx).keep.minimum(self._for(merger, ctx).keep)
-                step.compress(layer, dataclasses.replace(ctx, keep=keep), merger=merger)
+                out = step.compress(layer, dataclasses.replace(ctx, keep=keep), merger=merger)
+                layer = out if out is not None else layer  # a head-wise step hands back a paged layer
             else:
                 out = step.compress(layer, self._for(step, ctx))
                 layer = out if out is not None else layer

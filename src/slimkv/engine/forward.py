@@ -31,6 +31,8 @@ class ForwardContext:
     positions: [batch, tokens] original positions of the new tokens
     compressor: the active method, or None for the full cache
     phase: "prefill" (prompt segments) or "decode" (generated tokens)
+    punctuation: [batch, tokens] bool, which new tokens are punctuation (for observers with
+                 ``needs_punctuation``; None when none needs it)
     observers: methods that record what they need during this pass (default: the compressor).
                Several observers let one prefill serve several methods (compress once per method,
                prefill once per prompt).
@@ -43,6 +45,7 @@ class ForwardContext:
     compressor: Compressor | None = None
     phase: str = "prefill"
     observers: tuple[Compressor, ...] | None = None
+    punctuation: Tensor | None = None
     mask_cache: dict = field(default_factory=dict)
     tree: Tensor | None = None
 
@@ -58,6 +61,7 @@ class ForwardContext:
         return ScoreContext(
             layer_idx=layer_idx, num_layers=len(self.cache.layers),
             keep=comp.keep_for(seen, layer_idx, len(self.cache.layers)), seen=seen, phase=self.phase,
+            punctuation=self.punctuation,
         )
 
     def _ctx_for(self, layer_idx: int, extra: int) -> ScoreContext:

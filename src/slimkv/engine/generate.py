@@ -23,7 +23,7 @@ from ..errors import ConfigError, InputError
 from ..models.adapter import ModelAdapter
 from .forward import ForwardContext
 from .loop import Generation, ProgressFn
-from .prompts import Request, Segments, end_token_ids
+from .prompts import Request, Segments, end_token_ids, punctuation_table
 from .results import GenerationConfig, GenerationResult
 from .reuse import PrefixStore
 
@@ -49,6 +49,7 @@ class Engine:
         self.compressor = compressor
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
+        self._punct_table: torch.Tensor | None = None  # see _punctuation
 
     def use_store(self, stack, tenant: str = "default", chunk_size: int = 256,
                   shared_namespace: str | None = None) -> PrefixStore:
@@ -90,13 +91,26 @@ class Engine:
             chunk = ids[start : start + self.prefill_chunk]
             first = cache.seen[0]
             positions = torch.arange(first, first + len(chunk), device=device)[None]
-            ctx = ForwardContext(cache, positions, self.compressor, phase="prefill", observers=observers)
+            punct = self._punctuation(chunk, observers)
+            ctx = ForwardContext(cache, positions, self.compressor, phase="prefill", observers=observers,
+                                 punctuation=punct)
             logits = self.adapter.forward(torch.tensor([chunk], device=device), positions, ctx)
             cache.seen[0] += len(chunk)
             if progress is not None:
                 progress(done + start + len(chunk), total)
         assert logits is not None
         return logits[:, -1]
+
+    def _punctuation(self, ids: list[int], observers) -> torch.Tensor | None:
+        """[1, tokens] punctuation flags of ``ids`` when an observer needs them (FastGen), else None."""
+        watching = observers if observers is not None else (self.compressor,)
+        if not any(getattr(o, "needs_punctuation", False) for o in watching if o is not None):
+            return None
+        if self._punct_table is None:  # one pass over the vocabulary per engine (shared by its clones)
+            vocab = self.adapter.model.get_input_embeddings().num_embeddings
+            self._punct_table = punctuation_table(self.tokenizer, vocab)
+        table = self._punct_table
+        return table[torch.tensor(ids).clamp(max=table.numel() - 1)][None].to(self.adapter.device)
 
     def prepare(self, segments: Segments, progress: ProgressFn | None = None) -> tuple[SlimCache, torch.Tensor]:
         """Prefill and compress one request's prompt; returns its cache and last-token logits.

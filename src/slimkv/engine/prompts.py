@@ -73,3 +73,18 @@ def end_token_ids(tokenizer, model) -> set[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_TOKENS if t in vocab)
     return ids
+
+
+def punctuation_table(tokenizer, vocab_size: int) -> "torch.Tensor":
+    """``[vocab_size]`` bool: tokens whose text is only punctuation (FastGen's punctuation policy)."""
+    import string
+
+    import torch
+
+    ids = list(range(vocab_size))
+    if hasattr(tokenizer, "batch_decode"):
+        texts = tokenizer.batch_decode([[i] for i in ids])
+    else:
+        texts = [tokenizer.decode([i]) for i in ids]
+    marks = set(string.punctuation) | {"\n"}
+    return torch.tensor([bool(t.strip(" ")) and all(c in marks for c in t.strip(" ")) for t in texts])

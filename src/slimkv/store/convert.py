@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import CacheSpec, SlimCache
+from ..cache import CacheSpec, RaggedLayer, SlimCache
+from ..cache.ragged import pages_pay
 from ..errors import InputError
 from .codec import CachePayload, LayerEntries
 
@@ -31,7 +32,11 @@ def cache_to_payload(cache: SlimCache) -> CachePayload:
 
 
 def payload_to_cache(payload: CachePayload, spec: CacheSpec, device: str | torch.device = "cpu") -> SlimCache:
-    """A :class:`SlimCache` holding exactly the payload's entries (ragged rows kept ragged)."""
+    """A :class:`SlimCache` holding exactly the payload's entries.
+
+    Layers whose rows hold different counts come back as a :class:`RaggedLayer` (paged, no padding)
+    when pages take fewer bytes than padding (``pages_pay``).
+    """
     if len(payload.layers) != spec.layers:
         raise InputError(f"stored cache has {len(payload.layers)} layers, the model has {spec.layers}")
     cache = SlimCache(spec, batch=len(payload.seen))
@@ -50,4 +55,6 @@ def payload_to_cache(payload: CachePayload, spec: CacheSpec, device: str | torch
         layer.positions.copy_(entries.positions.to(device))
         slots = torch.arange(cap, device=device).expand(batch, heads, cap)
         layer.keep(slots, lengths=entries.lengths.to(device))
+        if entries.lengths.numel() and pages_pay(entries.lengths):  # head-wise budgets: paged again
+            cache.layers[i] = RaggedLayer.from_layer(layer)
     return cache

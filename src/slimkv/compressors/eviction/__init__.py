@@ -1,5 +1,5 @@
 """Token eviction: keep a subset of KV entries per layer and KV head."""
 
-from . import h2o, keydiff, knorm, lacache, none, pyramidkv, random, snapkv, streaming_llm
+from . import adakv, fastgen, h2o, keydiff, knorm, lacache, none, pyramidkv, random, snapkv, streaming_llm
 
-__all__ = ["h2o", "keydiff", "knorm", "lacache", "none", "pyramidkv", "random", "snapkv", "streaming_llm"]
+__all__ = ["adakv", "fastgen", "h2o", "keydiff", "knorm", "lacache", "none", "pyramidkv", "random", "snapkv", "streaming_llm"]

@@ -61,18 +61,9 @@ class SnapKVCompressor(Compressor):
         layer.extra[f"{self.state}_pos"] = pos[:, -self.window :].contiguous()
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        if f"{self.state}_q" not in layer.extra:
-            raise RuntimeError("snapkv scores need the observation window; no prefill was observed")
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        q, qpos = layer.extra[f"{self.state}_q"], layer.extra[f"{self.state}_pos"]  # [B, Hq, w, D], [B, w]
-        batch, heads, length, dim = keys.shape
-        groups, w = q.shape[1] // heads, q.shape[2]
-        logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
-        logits = logits.float().view(batch, heads, groups, w, length) * layer.scale
-        visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
-        if not layer.uniform:
-            visible = visible & layer.valid_mask()[:, :, None, None, :]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        probs, qpos = window_attention(layer, keys, positions, self.state)  # [B, H, G, w, L], [B, w]
+        batch, heads, length = positions.shape
         votes = probs.mean(dim=(2, 3))  # [B, H, L]
         # pool over neighbouring *positions* (slots may be out of order after decode-phase eviction)
         order = positions.argsort(dim=-1)
@@ -83,3 +74,25 @@ class SnapKVCompressor(Compressor):
         scores = torch.empty_like(votes).scatter_(-1, order, pooled)
         in_window = positions >= qpos.min(dim=1).values[:, None, None]
         return scores.masked_fill(in_window, float("inf"))
+
+
+def window_attention(layer: KVLayer, keys: Tensor, positions: Tensor,
+                     state: str = "snapkv") -> tuple[Tensor, Tensor]:
+    """Attention of the observed window queries over the layer's view (recorded by SnapKV's observe).
+
+    keys: [B, H, L, D] and positions: [B, H, L] from ``layer.view()``
+    state: the observer's ``layer.extra`` prefix (``SnapKVCompressor.state``)
+    Returns probabilities [B, H, G, w, L] (G query heads per KV head, w window queries; free slots and
+    entries after a query get 0) and the window's positions [B, w].
+    """
+    if f"{state}_q" not in layer.extra:
+        raise RuntimeError("window scores need the observation window; no prefill was observed")
+    q, qpos = layer.extra[f"{state}_q"], layer.extra[f"{state}_pos"]  # [B, Hq, w, D], [B, w]
+    batch, heads, length, dim = keys.shape
+    groups, w = q.shape[1] // heads, q.shape[2]
+    logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
+    logits = logits.float().view(batch, heads, groups, w, length) * layer.scale
+    visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
+    if not layer.uniform:
+        visible = visible & layer.valid_mask()[:, :, None, None, :]
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1), qpos
