@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                    help=f"calibration tokens (default {DEFAULT_TOKENS})")
     p.add_argument("--text", default=DEFAULT_TEXT,
-                   help=f"haystack name (bible, essays, shakespeare, noise) or a UTF-8 text file (default {DEFAULT_TEXT})")
+                   help="haystack name (bible, essays, shakespeare, noise) or a UTF-8 text file "
+                        f"(default {DEFAULT_TEXT})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

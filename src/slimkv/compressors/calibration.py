@@ -131,7 +131,8 @@ def measure(engine, tokens: int = DEFAULT_TOKENS, text: str = DEFAULT_TEXT) -> Q
         for start in range(0, len(ids), engine.prefill_chunk):
             chunk = ids[start : start + engine.prefill_chunk]
             positions = torch.arange(start, start + len(chunk), device=adapter.device)[None]
-            sink = _QueryRecorder(ForwardContext(cache, positions, None, phase="prefill"), ropes, mean, abs_mean)
+            inner = ForwardContext(cache, positions, None, phase="prefill")
+            sink = _QueryRecorder(inner, ropes, mean, abs_mean)
             adapter.forward(torch.tensor([chunk], device=adapter.device), positions, sink)
             cache.seen[0] += len(chunk)
     return QueryCentres(mean / len(ids), abs_mean / len(ids), adapter.fingerprint(), str(text), len(ids))

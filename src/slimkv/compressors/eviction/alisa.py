@@ -50,7 +50,8 @@ class ALISACompressor(Compressor):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.queries < 1:
-            raise ConfigError(f"alisa queries must be >= 1 (the latest queries that vote), got {self.queries}")
+            raise ConfigError(f"alisa queries must be >= 1 (the latest queries that vote), "
+                              f"got {self.queries}")
         if not 0.0 <= self.recent <= 1.0:
             raise ConfigError(f"alisa recent must be a share of the budget in [0, 1], got {self.recent}")
 
@@ -65,7 +66,7 @@ class ALISACompressor(Compressor):
         layer.extra[QUERY_POSITIONS] = pos[:, -self.queries :].contiguous()
 
     def recent_attention(self, layer: KVLayer) -> Tensor:
-        """Attention the kept latest queries paid to every slot, summed over them and each group: [B, H, L]."""
+        """Attention the latest queries paid to every slot, summed over them and their group: [B, H, L]."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
         q, qpos = layer.extra[QUERIES], layer.extra[QUERY_POSITIONS]  # [B, Hq, w, D], [B, w]
         batch, heads, length, dim = keys.shape

@@ -61,7 +61,8 @@ def expected_logits(keys: Tensor, centre: Tensor, abs_mean: Tensor, inv_freq: Te
     q_heads, half = centre.shape
     groups = q_heads // heads
     freq = inv_freq.double().to(keys.device)
-    spread = torch.polar(torch.ones_like(ahead[:, None] * freq), ahead.to(keys.device)[:, None] * freq).mean(0)
+    angle = ahead.to(keys.device)[:, None] * freq  # [n, D/2]
+    spread = torch.polar(torch.ones_like(angle), angle).mean(0)  # mean_d exp(i w_f d)
     here = now.double().to(keys.device)[:, None] * freq  # [B, D/2]
     turn = torch.polar(torch.ones_like(here), here) * spread  # [B, D/2]
     query = scaling * centre.to(keys.device, torch.complex128)[None] * turn[:, None]  # [B, Hq, D/2]
