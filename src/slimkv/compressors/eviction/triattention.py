@@ -1,6 +1,7 @@
 """TriAttention: keep the keys that future queries are expected to attend to, predicted from RoPE geometry.
 
-Paper: "TriAttention: Efficient Long Reasoning with Trigonometric KV Compression" (2026), arXiv:2604.04921.
+Paper: "Efficient Long Reasoning with Trigonometric KV Compression" (TriAttention, 2026), arXiv:2604.04921
+(the arXiv id as cited by public implementations of the method).
 
 Before RoPE, the queries of a head cluster around a fixed, non-zero centre ``c`` (measured once per model
 on real text, ``compressors/calibration.py``). Write a head's vectors as complex rotary pairs
@@ -100,8 +101,7 @@ class TriAttentionCompressor(Compressor):
     _bound: _Bound | None = field(default=None, init=False, repr=False, compare=False)
 
     name = "triattention"
-    paper = ("TriAttention: Efficient Long Reasoning with Trigonometric KV Compression (2026), "
-             "arXiv:2604.04921")
+    paper = "TriAttention: Efficient Long Reasoning with Trigonometric KV Compression (2026), arXiv:2604.04921"
     supported_phases = ("prefill", "decode")
 
     def __post_init__(self) -> None:
