@@ -101,7 +101,8 @@ def test_centres_are_cached_and_a_corrupt_file_is_rebuilt(llama, tmp_path, monke
         third = calibration.ensure_centres(engine)
     assert len(calls) == 2 and "checksum" in caplog.text
     torch.testing.assert_close(third.mean, first.mean)
-    assert calibration.load_centres(engine.adapter.fingerprint(), 2, 4, 8) is not None  # rebuilt file verifies
+    rebuilt = calibration.load_centres(engine.adapter.fingerprint(), 2, 4, 8)
+    assert rebuilt is not None  # the rebuilt file verifies
 
 
 def test_first_use_measures_then_reuses(llama, tmp_path, monkeypatch):
@@ -123,14 +124,14 @@ def test_unbound_score_says_what_to_do(llama):
         comp.score(cache.layers[0], ctx)
 
 
-@pytest.mark.parametrize("bad", [dict(window=-1), dict(max_distance=0)])
+@pytest.mark.parametrize("bad", [dict(recent=1.5), dict(max_distance=0)])
 def test_bad_settings_fail_at_configuration(bad):
     with pytest.raises(ConfigError, match="triattention"):
         make_compressor("triattention", ratio=0.5, **bad)
 
 
 def test_decode_keeps_the_window_and_evicts_the_lowest_expected_logit(llama):
-    comp = make_compressor("triattention", budget=20, phase="decode", window=6)
+    comp = make_compressor("triattention", budget=20, phase="decode", recent=0.3)
     engine = Engine(llama, ToyTokenizer(), comp)
     victims = []
     original = comp.make_room
@@ -145,8 +146,9 @@ def test_decode_keeps_the_window_and_evicts_the_lowest_expected_logit(llama):
         return room
 
     comp.make_room = spy
-    result = engine.generate(Segments(prompt_ids(12), []), GenerationConfig(max_new_tokens=30, ignore_eos=True))
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    result = engine.generate(Segments(prompt_ids(12), []), config)
     assert result.cache.tokens_kept == 20 and victims
     for victim_score, lowest, victim_pos, seen in victims:
         assert torch.equal(victim_score[..., 0], lowest)  # the lowest expected logit goes
-        assert bool((victim_pos < seen - 6).all())  # never one of the 6 most recent tokens
+        assert bool((victim_pos < seen - 6).all())  # never one of the 6 most recent tokens (0.3 of 20)
