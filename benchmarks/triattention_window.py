@@ -1,10 +1,10 @@
-"""TriAttention's protected recent window, measured: decode-phase streaming perplexity, one run.
+"""TriAttention's protected recent window (share recent of the budget), measured: decode-phase streaming perplexity, one run.
 
 Held-out Bible text (character offset 200,000, as ``slimkv eval perplexity``) fed one token at a time on
 the embedded model; every method keeps at most ``--budget`` entries per layer and KV head. The full
 cache and StreamingLLM are measured in the same run as the TriAttention variants.
 
-    OMP_NUM_THREADS=1 python benchmarks/triattention_window.py [--tokens 512] [--budget 128] [--windows 16,64]
+    OMP_NUM_THREADS=1 python benchmarks/triattention_window.py [--tokens 512] [--budget 128] [--recents 0.125,0.5]
 
 Prints JSON rows; ``--out`` also writes them with the command that made them.
 """
@@ -26,7 +26,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--budget", type=int, default=128)
-    p.add_argument("--windows", default="16,64", help="comma-separated triattention windows")
+    p.add_argument("--recents", default="0.125,0.5", help="comma-separated triattention recent shares")
     p.add_argument("--offset", type=int, default=200_000)
     p.add_argument("--out", default=None, help="write {command, rows} JSON here")
     args = p.parse_args()
@@ -34,10 +34,11 @@ def main() -> int:
     engine = Engine(model, tokenizer)
     text = load_haystack("bible")[args.offset:]
     tokens = tokenizer.encode(text[: (args.tokens + 1) * 8])[: args.tokens + 1]
-    methods = {"none": None, "streaming_llm": make_compressor("streaming_llm", budget=args.budget, phase="decode")}
-    for w in (int(x) for x in args.windows.split(",")):
-        methods[f"triattention(window={w})"] = make_compressor("triattention", budget=args.budget,
-                                                               phase="decode", window=w)
+    methods = {"none": None,
+               "streaming_llm": make_compressor("streaming_llm", budget=args.budget, phase="decode")}
+    for share in (float(x) for x in args.recents.split(",")):
+        methods[f"triattention(recent={share})"] = make_compressor("triattention", budget=args.budget,
+                                                                   phase="decode", recent=share)
     rows = []
     for name, comp in methods.items():
         r = perplexity(engine, tokens, comp, name)

@@ -8,6 +8,7 @@ import torch
 from slimkv.cache import KVLayer
 from slimkv.compressors import ScoreContext, make_compressor
 from slimkv.engine import Engine, GenerationConfig, Segments
+from slimkv.engine.forward import ForwardContext
 from slimkv.errors import ConfigError
 
 from .conftest import ToyTokenizer, prompt_ids
@@ -47,25 +48,24 @@ def test_the_latest_queries_decide_not_the_accumulated_history():
 def test_decode_keeps_recent_window_and_budget(llama):
     comp = make_compressor("alisa", budget=16, phase="decode", recent=0.5, queries=4)
     engine = Engine(llama, ToyTokenizer(), comp)
-    result = engine.generate(Segments(prompt_ids(10), []), GenerationConfig(max_new_tokens=30, ignore_eos=True))
-    seen = result.prompt_tokens + len(result.token_ids) - 1  # the last token is sampled, not cached
+    config = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    result = engine.generate(Segments(prompt_ids(10), []), config)
+    assert result.cache.tokens_kept == 16
+    # replay the generated tokens step by step to look at the kept positions after every step
     with engine.adapter.attached():
         cache, _ = engine.prepare(Segments(prompt_ids(10), []))
-    assert result.cache.tokens_kept == 16
-    # replay the same run step by step to look at the kept positions
-    from slimkv.engine.forward import ForwardContext
-
-    with engine.adapter.attached():
         for step, token in enumerate(result.token_ids[:-1]):
             pos = torch.tensor([[cache.seen[0]]])
-            engine.adapter.forward(torch.tensor([[token]]), pos, ForwardContext(cache, pos, comp, phase="decode"))
+            ctx = ForwardContext(cache, pos, comp, phase="decode")
+            engine.adapter.forward(torch.tensor([[token]]), pos, ctx)
             cache.seen[0] += 1
             for layer in cache.layers:
                 kept = set(layer.view()[2][0, 0].tolist())
                 assert set(range(cache.seen[0] - 8, cache.seen[0])) <= kept  # half of 16: the recent window
                 assert len(kept) <= 16
-                assert layer.extra["alisa_q"].shape[2] == min(step + 1, 4)  # decode phase only: no prompt queries
-    assert cache.seen[0] == seen
+                # decode phase only: the prompt's queries were not kept
+                assert layer.extra["alisa_q"].shape[2] == min(step + 1, 4)
+    assert cache.seen[0] == 10 + 29
 
 
 def test_prefill_keeps_what_the_last_prompt_queries_attend(llama):
