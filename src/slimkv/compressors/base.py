@@ -2,8 +2,8 @@
 
 Contract (who calls what, in which order; the engine drives it, see ``engine/forward.py``):
 
-0. ``bind(engine)`` - once, when an engine takes the compressor (``Engine(...)``,
-   ``Engine.with_compressor``). Methods that need something of the model itself (TriAttention's
+0. ``bind(engine)`` - whenever an engine takes the compressor (``Engine(...)``,
+   ``Engine.with_compressor``, the perplexity evaluator), before it acts. Methods that need something of the model itself (TriAttention's
    calibrated query centres and RoPE frequencies) load it here; the others ignore it.
 1. ``observe(layer, ctx, query, key_mass)`` - during every forward pass in an active phase, right
    after the layer's attention. Methods that need queries (SnapKV's observation window) or attention
