@@ -70,3 +70,14 @@ def pytest_addoption(parser):
         help="run the embedded-model lossless equality matrix (every compressor x 5 prompts x 128 tokens; "
              "minutes per compressor on a 2-core CPU)",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def calibration_dir(tmp_path_factory):
+    """Calibrated statistics (TriAttention's query centres) go to a temporary folder, not the user cache."""
+    from slimkv.compressors import calibration
+
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("calibration")
+        mp.setattr(calibration, "CALIBRATION_DIR", folder)
+        yield folder

@@ -61,3 +61,20 @@ def test_allocation_flag_reaches_the_compressor():
     assert build_compressor(args).allocation == "uniform"
     args.compressor = "adasnapkv"
     assert build_compressor(args).allocation == "head"
+
+
+def test_calibrate_triattention_records_what_it_used(capsys, monkeypatch, llama, tmp_path):
+    import slimkv.models
+    from slimkv.compressors import calibration
+
+    from .conftest import ToyTokenizer
+
+    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None: (llama, ToyTokenizer()))
+    monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
+    code, out, _ = run(capsys, "calibrate", "triattention", "--tokens", "32", "--text", "noise", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["tokens"] == 32 and data["text"] == "noise"
+    manifest = json.loads((tmp_path / f"triattention-{data['fingerprint']}.json").read_text())
+    assert manifest["tokens"] == 32 and manifest["text"] == "noise" and len(manifest["sha256"]) == 64
+    code, _, err = run(capsys, "calibrate", "triattention", "--tokens", "4")
+    assert code == 2 and "at least 16 tokens" in err

@@ -2,6 +2,9 @@
 
 Contract (who calls what, in which order; the engine drives it, see ``engine/forward.py``):
 
+0. ``bind(engine)`` - whenever an engine takes the compressor (``Engine(...)``,
+   ``Engine.with_compressor``, the perplexity evaluator), before it acts. Methods that need something of the model itself (TriAttention's
+   calibrated query centres and RoPE frequencies) load it here; the others ignore it.
 1. ``observe(layer, ctx, query, key_mass)`` - during every forward pass in an active phase, right
    after the layer's attention. Methods that need queries (SnapKV's observation window) or attention
    mass (H2O) keep it in the layer (``layer.extra`` / ``layer.slot_state``). ``key_mass`` is passed
@@ -141,6 +144,13 @@ class Compressor:
         else:
             kept = torch.clamp((seen.double() * (1.0 - float(self.ratio or 0.0))).long(), min=1)  # int(), as kvpress
         return layer_keep(kept, seen, layer_idx, num_layers, self.schedule, self.beta)
+
+    def bind(self, engine) -> None:
+        """Load what this method needs from the model ``engine`` runs (default: nothing).
+
+        Called by the engine before the compressor acts; must be cheap when called again for the
+        same model (the engine calls it for every ``with_compressor``).
+        """
 
     # ------------------------------------------------------------------ the one method to override
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:

@@ -110,6 +110,10 @@ class Pipeline(Compressor):
         return keep
 
     # ------------------------------------------------------------------ driven by the engine
+    def bind(self, engine) -> None:
+        for s in self.stages:
+            s.bind(engine)
+
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         if getattr(layer, "quantized", False):

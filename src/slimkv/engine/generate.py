@@ -50,6 +50,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
         self._punct_table: torch.Tensor | None = None  # see _punctuation
+        if compressor is not None:
+            compressor.bind(self)
 
     def use_store(self, stack, tenant: str = "default", chunk_size: int = 256,
                   shared_namespace: str | None = None) -> PrefixStore:
@@ -65,6 +67,8 @@ class Engine:
         """The same model and settings with another compressor (cheap: nothing is reloaded)."""
         clone = copy.copy(self)
         clone.compressor = compressor
+        if compressor is not None:
+            compressor.bind(clone)
         return clone
 
     # ------------------------------------------------------------------ prefill

@@ -85,6 +85,8 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
     if len(tokens) <= prefix:
         raise ValueError("perplexity needs more tokens than the prefix")
     nll, peak = 0.0, 0
+    if comp is not None:
+        comp.bind(engine)
     with engine.adapter.attached():
         cache = engine.new_cache()
         logp = engine.prefill(cache, tokens[:prefix])[0].float().log_softmax(-1)

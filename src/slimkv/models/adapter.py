@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -88,6 +89,19 @@ def text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+@dataclass(frozen=True)
+class Rope:
+    """The rotary position embedding of one attention layer, as transformers applies it.
+
+    inv_freq: [head_dim // 2] float32, angular frequency of rotary pair ``f``: dimensions ``f`` and
+              ``f + head_dim // 2`` (transformers' rotate-half layout) turn by ``inv_freq[f] * position``
+    scaling:  factor transformers multiplies cos and sin by (1.0 for plain RoPE; YaRN and longrope differ)
+    """
+
+    inv_freq: Tensor
+    scaling: float
+
+
 class ModelAdapter:
     """A causal LM as slimkv runs it: cache shape, context length, and forward passes over our cache."""
 
@@ -126,6 +140,33 @@ class ModelAdapter:
                 h.update(flat[idx].float().cpu().numpy().tobytes())
         self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
+
+    def rope(self, layer_idx: int) -> Rope:
+        """RoPE frequencies of layer ``layer_idx``, read from the model's rotary-embedding module.
+
+        Per-layer-type tables (Gemma 3's local and global layers) are honoured. Raises
+        :class:`ModelError` for a model without RoPE or with RoPE on only part of each head.
+        """
+        cfg = text_config(self.model)
+        layer_types = getattr(cfg, "layer_types", None) or []
+        kind = layer_types[layer_idx] if layer_idx < len(layer_types) else None
+        for module in self.model.modules():
+            inv_freq = getattr(module, f"{kind}_inv_freq", None) if kind else None
+            scaling = getattr(module, f"{kind}_attention_scaling", None) if kind else None
+            if inv_freq is None:
+                inv_freq = getattr(module, "inv_freq", None)
+                scaling = getattr(module, "attention_scaling", 1.0)
+            if isinstance(inv_freq, Tensor):
+                break
+        else:
+            raise ModelError(f"{type(self.model).__name__} has no rotary position embedding; "
+                             "methods that reason about RoPE phases (triattention) cannot run on it")
+        if 2 * inv_freq.numel() != self.spec.head_dim:
+            raise ModelError(
+                f"{type(self.model).__name__} rotates {2 * inv_freq.numel()} of {self.spec.head_dim} dimensions "
+                "per head (partial RoPE); triattention supports models with RoPE on the whole head"
+            )
+        return Rope(inv_freq.detach().float().cpu(), float(scaling if scaling is not None else 1.0))
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:

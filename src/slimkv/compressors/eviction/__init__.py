@@ -1,5 +1,7 @@
 """Token eviction: keep a subset of KV entries per layer and KV head."""
 
-from . import adakv, fastgen, h2o, keydiff, knorm, lacache, none, pyramidkv, random, snapkv, streaming_llm
+from . import (adakv, alisa, fastgen, h2o, keydiff, knorm, lacache, none, pyramidkv, random, snapkv,
+               streaming_llm, triattention)
 
-__all__ = ["adakv", "fastgen", "h2o", "keydiff", "knorm", "lacache", "none", "pyramidkv", "random", "snapkv", "streaming_llm"]
+__all__ = ["adakv", "alisa", "fastgen", "h2o", "keydiff", "knorm", "lacache", "none", "pyramidkv", "random",
+           "snapkv", "streaming_llm", "triattention"]
