@@ -70,3 +70,14 @@ def pytest_addoption(parser):
         help="run the embedded-model lossless equality matrix (every compressor x 5 prompts x 128 tokens; "
              "minutes per compressor on a 2-core CPU)",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def commvq_codebooks_in_tmp(tmp_path_factory):
+    """CommVQ calibrates per model into the user cache; tests keep their tiny models' codebooks in a tmp dir."""
+    from slimkv.compressors.quantization import commvq_calibration
+
+    folder = tmp_path_factory.mktemp("commvq")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(commvq_calibration, "codebook_dir", lambda: folder)
+        yield folder

@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..errors import SlimKVError
-from . import datastore, demo, eval, generate, methods, store
+from . import calibrate, datastore, demo, eval, generate, methods, store
 from .common import setup_logging
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_parser(sub)
     eval.add_parser(sub)
     datastore.add_parser(sub)
+    calibrate.add_parser(sub)
     return parser
 
 

@@ -122,6 +122,10 @@ class Compressor:
             kept = torch.clamp((seen.double() * (1.0 - float(self.ratio or 0.0))).long(), min=1)  # int(), as kvpress
         return layer_keep(kept, seen, layer_idx, num_layers, self.schedule, self.beta)
 
+    def bind(self, adapter, tokenizer) -> None:
+        """Called by the engine with its model before this method acts on it (calibrated methods such as
+        CommVQ load or fit per-model data here); a no-op for most methods."""
+
     # ------------------------------------------------------------------ the one method to override
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
         """Importance of every slot of ``layer.view()``: ``[batch, kv_heads, L]``, higher = keep."""

@@ -87,6 +87,10 @@ class Pipeline(Compressor):
             keep = keep.minimum(s.keep_for(seen, layer_idx, num_layers))
         return keep
 
+    def bind(self, adapter, tokenizer) -> None:
+        for s in self.stages:
+            s.bind(adapter, tokenizer)
+
     # ------------------------------------------------------------------ driven by the engine
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:

@@ -49,6 +49,8 @@ class Engine:
         self.compressor = compressor
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
+        if compressor is not None:
+            compressor.bind(self.adapter, tokenizer)
 
     def use_store(self, stack, tenant: str = "default", chunk_size: int = 256,
                   shared_namespace: str | None = None) -> PrefixStore:
@@ -64,6 +66,8 @@ class Engine:
         """The same model and settings with another compressor (cheap: nothing is reloaded)."""
         clone = copy.copy(self)
         clone.compressor = compressor
+        if compressor is not None:
+            compressor.bind(self.adapter, self.tokenizer)
         return clone
 
     # ------------------------------------------------------------------ prefill
