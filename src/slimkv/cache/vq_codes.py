@@ -70,16 +70,14 @@ def _one_hot(idx: Tensor) -> Tensor:
 def _stage_search(u: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest codeword of one stage: ``u [G, N, D]``, ``alpha, beta [G, HALF, D]`` -> ``a, b [G, N]``."""
     jb = rotate_half(beta)
-    base = (alpha * alpha).sum(-1)[:, :, None] + (jb * jb).sum(-1)[:, None, :] \
-        + 2 * alpha @ jb.transpose(1, 2)  # [G, HALF, HALF]: |alpha_A + j beta_B|^2
-    g, n, _ = u.shape
+    g, n, d = u.shape
+    words = (alpha[:, :, None] + jb[:, None]).reshape(g, HALF * HALF, d)  # [G, 256, D], index A*HALF + B
+    base = (words * words).sum(-1)[:, None]  # [G, 1, 256]
     step = max(1, _CHUNK // (g * HALF * HALF))
     best = torch.empty(g, n, dtype=torch.long, device=u.device)
     for lo in range(0, n, step):
-        part = u[:, lo : lo + step]
-        dist = base[:, None] - 2 * (part @ alpha.transpose(1, 2))[..., None] \
-            - 2 * (part @ jb.transpose(1, 2))[:, :, None, :]  # [G, n, HALF, HALF]
-        best[:, lo : lo + step] = dist.flatten(2).argmin(-1)
+        dist = torch.baddbmm(base, u[:, lo : lo + step], words.transpose(1, 2), alpha=-2.0)  # [G, n, 256]
+        best[:, lo : lo + step] = dist.argmin(-1)
     return best // HALF, best % HALF
 
 
