@@ -16,7 +16,7 @@ so codes plus the norm take ``bits`` bits per element: ``commvq2`` at D = 64 has
 per entry and head = 2.0 bits per element), ``commvq1`` 6 stages (1.0 bit). Shared int16 positions
 add 16 bits per token and the full-precision window of new entries its model-dtype bytes, both
 counted; the codebooks are shared by every request of a model and not counted (30 layers x 3 heads
-x 2 kinds x 14 stages x 32 codewords x 64 float32 values = 19 MB for the embedded model).
+x 2 kinds x 14 stages x 32 codewords x 64 float32 values = 21 MB for the embedded model).
 
 Differences from the paper: the paper predicts codes with a small learned encoder (and fine-tunes
 the codebook); here codes are found by exhaustive greedy search per stage (256 combinations), no
