@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("method", choices=["commvq"], help="the method to calibrate")
     add_model_options(p)
     p.add_argument("--bits", type=int, choices=[2, 1], default=2, help="bits per element: 2 (commvq2) or 1 (commvq1)")
-    p.add_argument("--tokens", type=int, default=1024, help="calibration tokens of real text (default 1024)")
-    p.add_argument("--iters", type=int, default=3, help="EM iterations per code stage (default 3)")
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens of real text (default 4096)")
+    p.add_argument("--iters", type=int, default=2, help="EM iterations per code stage (default 2)")
     p.add_argument("--force", action="store_true", help="refit even when cached codebooks verify")
     p.set_defaults(func=run)
 

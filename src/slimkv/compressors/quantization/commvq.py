@@ -63,8 +63,8 @@ class CommVQ(Quantizer):
     bits: int = field(default=2, init=False)
     group: int = 32
     window: int = 0
-    tokens: int = 1024
-    iters: int = 3
+    tokens: int = 4096
+    iters: int = 2
     cache_dir: str | None = None
     _books: list[VQBooks] | None = field(default=None, init=False, repr=False, compare=False)
     _bound: object = field(default=None, init=False, repr=False, compare=False)

@@ -46,8 +46,8 @@ class Calibration:
     """
 
     stages: int
-    tokens: int = 1024
-    iters: int = 3
+    tokens: int = 4096
+    iters: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
