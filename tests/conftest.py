@@ -74,10 +74,14 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session", autouse=True)
 def calibration_dir(tmp_path_factory):
-    """Calibrated statistics (TriAttention's query centres) go to a temporary folder, not the user cache."""
+    """Calibrated data (TriAttention's query centres, CommVQ's codebooks) go to temporary folders, not
+    the user cache."""
     from slimkv.compressors import calibration
+    from slimkv.compressors.quantization import commvq_calibration
 
     with pytest.MonkeyPatch.context() as mp:
         folder = tmp_path_factory.mktemp("calibration")
+        books = tmp_path_factory.mktemp("commvq")
         mp.setattr(calibration, "CALIBRATION_DIR", folder)
+        mp.setattr(commvq_calibration, "codebook_dir", lambda: books)
         yield folder

@@ -211,7 +211,7 @@ def test_question_agnostic_compresses_context_only(llama):
     assert set(range(60, 70)) <= set(positions)
 
 
-@pytest.mark.parametrize("name", QUANT)
+@pytest.mark.parametrize("name", [n for n in QUANT if not n.startswith("commvq")])  # CommVQ: test_commvq.py
 def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
     """Every entry stays; bytes per element: the code bits plus float16 scales and zero points
     (group 32 tokens per key channel, 16 channels per value: 0.5 + 1 bits here) plus shared int16

@@ -1,50 +1,89 @@
-"""``slimkv calibrate triattention``: measure and cache a model's pre-RoPE query centres."""
+"""``slimkv calibrate METHOD``: measure a calibrated method's per-model data ahead of its first use.
+
+triattention: the model's mean pre-RoPE query per layer and query head; commvq: CommVQ's codebooks.
+Both are cached under the user cache directory, keyed by the model's fingerprint and checksummed, and
+both methods calibrate by themselves on first use with the defaults; this command redoes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..errors import InputError
 from .common import add_model_options
 
-METHODS = ("triattention",)
+METHODS = ("triattention", "commvq")
 
 
 def add_parser(sub) -> None:
     from ..compressors.calibration import DEFAULT_TEXT, DEFAULT_TOKENS
 
-    p = sub.add_parser("calibrate", help="measure the statistics a method needs for a model (once, cached)",
-                       description="Measure a model's mean pre-RoPE query per layer and query head on real "
-                                   "text and cache it under the user cache directory (keyed by the model's "
-                                   "fingerprint, with a checksum). TriAttention measures them by itself "
-                                   "on first use with the defaults; this command redoes it with other text.")
+    p = sub.add_parser("calibrate", help="measure the per-model data a method needs (once, cached)",
+                       description="triattention: measure a model's mean pre-RoPE query per layer and query "
+                                   "head on real text. commvq: fit CommVQ codebooks on the King James Bible. "
+                                   "The result is cached under the user cache directory (keyed by the model's "
+                                   "fingerprint, with a checksum); both methods do this by themselves on "
+                                   "first use with the defaults.")
     p.add_argument("method", choices=METHODS, help="the method to calibrate")
     add_model_options(p)
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                   help=f"calibration tokens (default {DEFAULT_TOKENS})")
-    p.add_argument("--text", default=DEFAULT_TEXT,
-                   help="haystack name (bible, essays, shakespeare, noise) or a UTF-8 text file "
-                        f"(default {DEFAULT_TEXT})")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"calibration tokens (default: triattention {DEFAULT_TOKENS}, commvq 4096)")
+    p.add_argument("--text", default=None,
+                   help="triattention: haystack name (bible, essays, shakespeare, noise) or a UTF-8 text "
+                        f"file (default {DEFAULT_TEXT})")
+    p.add_argument("--bits", type=int, choices=[2, 1], default=2,
+                   help="commvq: bits per element, 2 (commvq2, default) or 1 (commvq1)")
+    p.add_argument("--iters", type=int, default=2, help="commvq: EM iterations per code stage (default 2)")
+    p.add_argument("--force", action="store_true", help="commvq: refit even when cached codebooks verify")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compressors.calibration import measure, save_centres
-    from ..engine import Engine
     from ..models import load_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    engine = Engine(model, tokenizer)
-    centres = measure(engine, tokens=args.tokens, text=args.text)
-    path = save_centres(centres)
-    # how concentrated the queries are: |E q| / E|q| per pair, averaged (1 = every query on its centre)
-    concentration = float((centres.mean.abs() / centres.abs_mean.clamp(min=1e-12)).mean())
-    out = {"method": args.method, "model": args.model, "fingerprint": centres.model, "text": centres.text,
-           "tokens": centres.tokens, "path": str(path), "concentration": round(concentration, 4)}
+    if args.method == "triattention":
+        if args.force:
+            raise InputError("--force goes with commvq; triattention always measures again")
+        out = _triattention(args, *load_model(args.model, dtype=args.dtype))
+    else:
+        if args.text is not None:
+            raise InputError("--text goes with triattention; commvq fits on the Bible haystack")
+        out = _commvq(args, *load_model(args.model, dtype=args.dtype))
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.method}: query centres of {args.model} measured on {centres.tokens} tokens of "
-              f"{centres.text!r}; mean concentration |E q| / E|q| = {concentration:.3f}; cached at {path}")
+        print("\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
+
+
+def _triattention(args: argparse.Namespace, model, tokenizer) -> dict:
+    from ..compressors.calibration import DEFAULT_TEXT, DEFAULT_TOKENS, measure, save_centres
+    from ..engine import Engine
+
+    engine = Engine(model, tokenizer)
+    centres = measure(engine, tokens=args.tokens or DEFAULT_TOKENS, text=args.text or DEFAULT_TEXT)
+    path = save_centres(centres)
+    # how concentrated the queries are: |E q| / E|q| per pair, averaged (1 = every query on its centre)
+    concentration = float((centres.mean.abs() / centres.abs_mean.clamp(min=1e-12)).mean())
+    return {"method": args.method, "model": args.model, "fingerprint": centres.model, "text": centres.text,
+            "tokens": centres.tokens, "path": str(path), "concentration": round(concentration, 4)}
+
+
+def _commvq(args: argparse.Namespace, model, tokenizer) -> dict:
+    from ..compressors import make_compressor
+    from ..compressors.quantization import commvq_calibration as cal
+    from ..models import ModelAdapter
+
+    adapter = ModelAdapter(model)
+    comp = make_compressor(f"commvq{args.bits}", tokens=args.tokens or 4096, iters=args.iters)
+    calib = comp.calibration(adapter.spec.head_dim)
+    path = cal.codebook_path(adapter.fingerprint(), calib)
+    if args.force:
+        path.unlink(missing_ok=True)
+    books = cal.load_or_fit(adapter, tokenizer, calib)
+    return {"method": args.method, "model": args.model, "path": str(path), "stages": calib.stages,
+            "tokens": calib.tokens, "iters": calib.iters,
+            "key_error": round(float(books["k_error"][..., -1].mean()), 4),
+            "value_error": round(float(books["v_error"][..., -1].mean()), 4)}

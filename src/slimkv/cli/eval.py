@@ -64,7 +64,8 @@ def add_parser(sub) -> None:
         _common(t)
         t.add_argument("--compressor", default="snapkv", metavar="NAME", help="method (default snapkv)")
         amount = t.add_mutually_exclusive_group()
-        amount.add_argument("--ratio", type=float, default=None, help="fraction of KV removed (default 0.5)")
+        amount.add_argument("--ratio", type=float, default=None,
+                            help="fraction of KV removed (default 0.5; none for a quantizer such as kivi2, commvq2)")
         amount.add_argument("--budget", type=int, default=None, help="entries kept per layer and KV head")
         t.add_argument("--question-aware", action="store_true", help="compress with the question in the prompt")
         t.add_argument("--out", default=None, help="append per-sample JSON lines here (resumable)")
@@ -146,7 +147,11 @@ def run_task(args: argparse.Namespace) -> int:
     from ..evals.runner import MethodSpec, Runner
     from ..evals.tasks import TASKS  # noqa: F401  (validates the task name via argparse choices)
 
+    from ..compressors.quantization.base import Quantizer
+
     ratio = args.ratio if args.ratio is not None or args.budget is not None else 0.5
+    if args.ratio is None and isinstance(make_compressor(args.compressor), Quantizer):
+        ratio = None  # a quantizer keeps every entry: no default ratio
     make_compressor(args.compressor, ratio=ratio, budget=args.budget)  # fail fast on bad settings
     engine, tokenizer = _engine(args)
     samples = _samples(args, args.task, tokenizer, engine.adapter.max_positions)
