@@ -100,7 +100,7 @@ class ProbeSpec(MethodSpec):
         return self.text or self.name
 
 
-def parse(text: str, ratio: float) -> ProbeSpec:
+def parse(text: str, ratio: float, tag: bool = False) -> ProbeSpec:
     name, *rest = text.split(":")
     params = []
     for item in rest:
@@ -112,7 +112,8 @@ def parse(text: str, ratio: float) -> ProbeSpec:
             except ValueError:
                 continue
         params.append((key, value))
-    return ProbeSpec(name=name, ratio=None if name == "none" else ratio, params=tuple(sorted(params)), text=text)
+    return ProbeSpec(name=name, ratio=None if name == "none" else ratio, params=tuple(sorted(params)),
+                     text=f"{text}@{ratio}" if tag else text)
 
 
 def needle_span(tokenizer, context: str, needle_prefix: str = "The special magic number is") -> list[int]:
@@ -153,7 +154,7 @@ def main() -> None:
     p.add_argument("--lengths", default="1000,2000")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--ratio", default="0.75", help="one ratio or several, comma-separated")
     p.add_argument("--methods", default="keydiff")
     p.add_argument("--survival", action="store_true", help="print which needle entries are kept (first sample)")
     p.add_argument("--no-score", action="store_true")
@@ -162,7 +163,8 @@ def main() -> None:
     args = p.parse_args()
     model, tokenizer = load_model()
     engine = Engine(model, tokenizer)
-    specs = [parse(m, args.ratio) for m in args.methods.split(",")]
+    ratios = [float(r) for r in args.ratio.split(",")]
+    specs = [parse(m, r, len(ratios) > 1) for r in ratios for m in args.methods.split(",")]
     for length in [int(x) for x in args.lengths.split(",")]:
         samples = [EvalSample(task="needle", length=length, index=i, context=s.context, question=s.question,
                               answers=tuple(s.answers), depth=s.depth)
@@ -186,7 +188,7 @@ def main() -> None:
         per = len(specs) + 1
         labels = ["none", *[s.label for s in specs]]
         scores = {lab: [results[i].score for i in range(j, len(results), per)] for j, lab in enumerate(labels)}
-        print(json.dumps({"haystack": args.haystack, "length": length, "ratio": args.ratio,
+        print(json.dumps({"haystack": args.haystack, "length": length, "ratios": ratios,
                           "samples": args.samples, "seconds": round(time.perf_counter() - t0, 1),
                           "scores": {k: round(sum(v) / len(v), 3) for k, v in scores.items()},
                           "per_sample": {k: v for k, v in scores.items()}}), flush=True)
