@@ -53,32 +53,52 @@ class OracleKeyDiff(KeyDiffCompressor):
 @register
 @dataclass
 class ProbeKeyDiff(KeyDiffCompressor):
-    """Diagnostic variants of keydiff: pooling over positions, consensus over heads, layer-range oracle."""
+    """Diagnostic variants of keydiff.
 
+    norm: how per-head scores are made comparable before the head mean ("none", "z", "rank")
+    anchors: reference directions per head (k-means on unit keys; score = -max cosine to any)
+    pool: max-pool the final scores over neighbouring positions (odd kernel)
+    lo, hi: layer range where the needle is forced in (oracle)
+    """
+
+    norm: str = "none"
+    anchors: int = 1
     pool: int = 1
-    heads: str = "none"
     lo: int = 99
     hi: int = 99
 
     name = "probe_kd"
 
     def score(self, layer, ctx):
-        score = super().score(layer, ctx)
+        import torch.nn.functional as F
+
         keys, _, positions = layer.view()
-        finite = score.isfinite()
-        raw = score.masked_fill(~finite, 0.0)
-        if self.heads == "max":
-            raw = raw.amax(dim=1, keepdim=True).expand_as(raw)
-        elif self.heads == "mean":
+        unit = F.normalize(keys.float(), dim=-1)  # [B, H, L, D]
+        centre = F.normalize(unit.mean(dim=2, keepdim=True), dim=-1)
+        if self.anchors == 1:
+            raw = -(unit * centre).sum(-1)
+        else:  # spherical k-means, seeded from evenly spaced keys
+            n = unit.shape[2]
+            cent = unit[:, :, torch.linspace(0, n - 1, self.anchors).long()]  # [B, H, C, D]
+            for _ in range(5):
+                assign = (unit @ cent.transpose(-1, -2)).argmax(-1)  # [B, H, L]
+                onehot = F.one_hot(assign, self.anchors).float()  # [B, H, L, C]
+                cent = F.normalize(onehot.transpose(-1, -2) @ unit, dim=-1)
+            raw = -(unit @ cent.transpose(-1, -2)).amax(-1)
+        if self.norm == "z":
+            raw = (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True).clamp(min=1e-6)
+        elif self.norm == "rank":
+            raw = raw.argsort(-1).argsort(-1).float()
+        if self.heads == "mean":
             raw = raw.mean(dim=1, keepdim=True).expand_as(raw)
         if self.pool > 1:
-            import torch.nn.functional as F
             b, h, n = raw.shape
             order = positions.argsort(dim=-1)
             pooled = F.max_pool1d(raw.gather(-1, order).reshape(b * h, 1, n), self.pool, stride=1,
                                   padding=self.pool // 2).view(b, h, n)
             raw = torch.empty_like(raw).scatter_(-1, order, pooled)
-        score = torch.where(finite, raw, score)
+        recent = positions >= (ctx.seen.to(positions.device) - self.window)[:, None, None]
+        score = raw.masked_fill(recent | (positions < self.sinks), float("inf"))
         if self.lo <= ctx.layer_idx <= self.hi:
             for p in NEEDLE:
                 score = score.masked_fill(positions == p, float("inf"))
