@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from slimkv.cache import KVLayer
 from slimkv.compressors import ScoreContext, make_compressor
 
 
-def test_distinctive_key_outranks_repeated_ones():
+@pytest.mark.parametrize("anchors", [1, 2, 4, 8])  # a lone outlier never becomes a reference centre
+def test_distinctive_key_outranks_repeated_ones(anchors):
     n, dim = 40, 8
     gen = torch.Generator().manual_seed(0)
     filler = torch.randn(dim, generator=gen)
@@ -16,7 +18,7 @@ def test_distinctive_key_outranks_repeated_ones():
     keys[0, 0, 17] = torch.randn(dim, generator=gen)  # the needle
     layer = KVLayer()
     layer.append(keys, torch.zeros_like(keys), torch.arange(n)[None], exact=True)
-    comp = make_compressor("keydiff", ratio=0.75, sinks=2, window=4)
+    comp = make_compressor("keydiff", ratio=0.75, sinks=2, window=4, anchors=anchors)
     ctx = ScoreContext(layer_idx=0, num_layers=1, keep=torch.tensor([10]), seen=torch.tensor([n]), phase="prefill")
     comp.compress(layer, ctx)
     kept = sorted(layer.view()[2][0, 0].tolist())
@@ -67,9 +69,27 @@ def test_head_mean_matches_tokens_by_position_when_rows_differ():
 
 
 def test_bad_heads_setting_is_a_config_error():
-    import pytest
-
     from slimkv.errors import ConfigError
 
     with pytest.raises(ConfigError, match="heads"):
         make_compressor("keydiff", ratio=0.5, heads="max")
+
+    with pytest.raises(ConfigError, match="anchors"):
+        make_compressor("keydiff", ratio=0.5, anchors=0)
+
+
+def test_several_anchors_see_a_second_cluster_as_typical():
+    # two clouds of keys (25 near e0, 14 near e1) and one key between them: one mean direction finds
+    # the in-between key typical and the smaller cloud unusual; two centres find the reverse
+    gen = torch.Generator().manual_seed(2)
+    dim = 8
+    eye = torch.eye(dim)
+    keys = torch.cat([eye[0] + 0.05 * torch.randn(25, dim, generator=gen),
+                      eye[1] + 0.05 * torch.randn(14, dim, generator=gen),
+                      (eye[0] + eye[1])[None]])[None, None]  # [1, 1, 40, D]; the odd one is 39
+    kept = {}
+    for anchors in (1, 2):
+        layer = _layer(keys)
+        make_compressor("keydiff", ratio=0.9, sinks=0, window=0, anchors=anchors).compress(layer, _ctx(1, 40))
+        kept[anchors] = int(layer.view()[2][0, 0, 0])
+    assert 25 <= kept[1] < 39 and kept[2] == 39
