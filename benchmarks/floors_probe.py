@@ -180,9 +180,23 @@ def main() -> None:
     p.add_argument("--no-score", action="store_true")
     p.add_argument("--answers", action="store_true", help="print every answer")
     p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--perplexity", type=int, default=0, metavar="BUDGET",
+                   help="instead: decode-phase streaming perplexity of the methods at this budget "
+                        "(as `slimkv eval perplexity --tokens 1024`)")
     args = p.parse_args()
     model, tokenizer = load_model()
     engine = Engine(model, tokenizer)
+    if args.perplexity:
+        from slimkv.cli.eval import _text_tokens
+        from slimkv.evals.fidelity import perplexity
+
+        tokens = _text_tokens(tokenizer, "bible", 1025, 200_000)
+        for text in args.methods.split(","):
+            spec = parse(text, 0.0)
+            comp = make_compressor(spec.name, budget=args.perplexity, phase="decode", **dict(spec.params))
+            row = perplexity(engine, tokens, comp, text)
+            print(json.dumps({"budget": args.perplexity, **row.__dict__}), flush=True)
+        return
     ratios = [float(r) for r in args.ratio.split(",")]
     specs = [parse(m, r, len(ratios) > 1) for r in ratios for m in args.methods.split(",")]
     for length in [int(x) for x in args.lengths.split(",")]:

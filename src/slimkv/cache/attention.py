@@ -135,11 +135,12 @@ def _explicit(
         width = length if m is None else _visible_width(m, length)
         if width < length:
             m = m[..., :width]
-        logits = (q[:, :, start:stop] @ keys[:, :, :width].transpose(-1, -2)).float() * scale  # [B, H, r, w]
+        # in place where it can be: these chunks are the explicit path's memory traffic
+        logits = (q[:, :, start:stop] @ keys[:, :, :width].transpose(-1, -2)).float().mul_(scale)  # [B, H, r, w]
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         if m is not None:
-            logits = logits.masked_fill(~m, float("-inf"))
+            logits = torch.where(m, logits, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         out[:, :, start:stop] = (probs.to(values.dtype) @ values[:, :, :width])
         if mass is not None:
