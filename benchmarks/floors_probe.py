@@ -176,7 +176,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", default="0.75", help="one ratio or several, comma-separated")
     p.add_argument("--methods", default="keydiff")
-    p.add_argument("--survival", action="store_true", help="print which needle entries are kept (first sample)")
+    p.add_argument("--survival", action="store_true", help="print which needle entries are kept")
+    p.add_argument("--survival-sample", type=int, default=0, help="sample index for --survival (default 0)")
     p.add_argument("--no-score", action="store_true")
     p.add_argument("--answers", action="store_true", help="print every answer")
     p.add_argument("--max-new-tokens", type=int, default=10)
@@ -205,7 +206,7 @@ def main() -> None:
                    for i, s in enumerate(make_samples("needle", tokenizer, length, args.samples, seed=args.seed,
                                                       haystack=args.haystack))]
         if args.survival:
-            print(json.dumps({"length": length, **survival(engine, samples[0], specs)}))
+            print(json.dumps({"length": length, **survival(engine, samples[args.survival_sample], specs)}))
         if args.no_score:
             continue
         t0 = time.perf_counter()
