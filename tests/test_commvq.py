@@ -17,7 +17,7 @@ from slimkv.compressors.quantization import commvq_calibration as cal
 from slimkv.compressors.quantization.commvq import stages_for
 from slimkv.engine import Engine, GenerationConfig, Segments
 from slimkv.errors import ConfigError
-from slimkv.models.rope import rope_frequencies
+from slimkv.models import ModelAdapter
 
 from .conftest import ToyTokenizer, prompt_ids, tiny_model
 
@@ -67,7 +67,7 @@ def test_decode_is_the_sum_of_the_coded_codewords_and_fit_error_falls():
 def test_rope_frequencies_and_rotation_match_the_model(model):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    inv_freq = rope_frequencies(model)
+    inv_freq = ModelAdapter(model).rope_table()
     assert inv_freq.shape == (2, HEAD_DIM // 2)
     torch.testing.assert_close(inv_freq[0], model.model.rotary_emb.inv_freq.float())
     x = torch.randn(1, 2, 9, HEAD_DIM)

@@ -4,7 +4,7 @@ Contract (the calls the engine makes on a :class:`~slimkv.cache.KVLayer`):
 
 1. The CommVQ quantizer (``compressors/quantization/commvq.py``) builds it once from a dense layer
    after prefill and eviction (:meth:`VQLayer.from_layer`). Keys arrive rotated by RoPE; they are
-   rotated back to their pre-RoPE form with the model's frequencies (``models/rope.py``) and coded
+   rotated back to their pre-RoPE form with the model's frequencies (``ModelAdapter.rope_table``) and coded
    there, so the stored codes do not depend on position (the codebooks commute with RoPE).
 2. ``append`` adds new entries to a full-precision residual; at the next append, residual entries
    beyond the newest ``window + ROLLBACK_SLACK`` are coded in blocks of ``group`` (a token is always

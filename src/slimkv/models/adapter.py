@@ -89,6 +89,10 @@ def text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+#: RoPE types whose frequencies depend on the sequence length at run time
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
 @dataclass(frozen=True)
 class Rope:
     """The rotary position embedding of one attention layer, as transformers applies it.
@@ -145,11 +149,20 @@ class ModelAdapter:
         """RoPE frequencies of layer ``layer_idx``, read from the model's rotary-embedding module.
 
         Per-layer-type tables (Gemma 3's local and global layers) are honoured. Raises
-        :class:`ModelError` for a model without RoPE or with RoPE on only part of each head.
+        :class:`ModelError` for a model without RoPE, with RoPE on only part of each head, or with a
+        RoPE type whose angles depend on the sequence length (dynamic, longrope): methods that reason
+        about a key's rotation need a fixed angle per position.
         """
         cfg = text_config(self.model)
         layer_types = getattr(cfg, "layer_types", None) or []
         kind = layer_types[layer_idx] if layer_idx < len(layer_types) else None
+        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if kind is not None and isinstance(params.get(kind), dict):
+            params = params[kind]
+        if params.get("rope_type", params.get("type")) in DYNAMIC_ROPE:
+            raise ModelError(f"{type(self.model).__name__} uses {params.get('rope_type', params.get('type'))} "
+                             "RoPE, whose angles depend on the sequence length; RoPE-aware methods (triattention, "
+                             "commvq) need a fixed angle per position")
         for module in self.model.modules():
             inv_freq = getattr(module, f"{kind}_inv_freq", None) if kind else None
             scaling = getattr(module, f"{kind}_attention_scaling", None) if kind else None
@@ -167,6 +180,10 @@ class ModelAdapter:
                 "per head (partial RoPE); triattention supports models with RoPE on the whole head"
             )
         return Rope(inv_freq.detach().float().cpu(), float(scaling if scaling is not None else 1.0))
+
+    def rope_table(self) -> Tensor:
+        """``[layers, head_dim // 2]`` float32 inverse frequencies of every layer (see :meth:`rope`)."""
+        return torch.stack([self.rope(i).inv_freq for i in range(self.spec.layers)])
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:

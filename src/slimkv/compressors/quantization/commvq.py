@@ -90,8 +90,6 @@ class CommVQ(Quantizer):
         adapter, tokenizer = engine.adapter, engine.tokenizer
         if self._bound is adapter:
             return
-        from ...models.rope import rope_frequencies
-
         spec = adapter.spec
         calib = self.calibration(spec.head_dim)
         if calib.stages * 8 + NORM_BITS > self.bits * spec.head_dim:
@@ -102,7 +100,7 @@ class CommVQ(Quantizer):
         if tokens != self.tokens:
             calib = Calibration(stages=calib.stages, tokens=tokens, iters=self.iters)
         data = load_or_fit(adapter, tokenizer, calib, Path(self.cache_dir) if self.cache_dir else None)
-        inv_freq = rope_frequencies(adapter.model)
+        inv_freq = adapter.rope_table()
         device = adapter.device
         self._books = [
             VQBooks(*(data[f"{kind}_{part}"][i].float().to(device) for kind in "kv" for part in ("alpha", "beta")),

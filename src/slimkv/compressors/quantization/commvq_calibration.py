@@ -124,11 +124,10 @@ def calibration_ids(tokenizer, tokens: int) -> list[int]:
 def collect(adapter, tokenizer, tokens: int) -> tuple[Tensor, Tensor]:
     """Pre-RoPE keys and values of the calibration text: ``[layers, kv_heads, tokens, head_dim]`` each."""
     from ...engine import Engine
-    from ...models.rope import rope_frequencies
 
     if tokens > adapter.max_positions:
         raise ConfigError(f"--tokens {tokens} exceeds the model's {adapter.max_positions} positions")
-    inv_freq = rope_frequencies(adapter.model)  # [layers, D/2]
+    inv_freq = adapter.rope_table()  # [layers, D/2]
     engine = Engine(adapter.model, tokenizer, prefill_chunk=1024)
     ids = calibration_ids(tokenizer, tokens)
     cache = engine.new_cache()
