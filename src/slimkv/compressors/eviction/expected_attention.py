@@ -1,0 +1,149 @@
+"""Expected Attention: keep the keys that the distribution of future queries is expected to attend to.
+
+Paper: Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future
+Queries Distribution", arXiv:2510.00636 (kvpress's ExpectedAttentionPress).
+
+While the prompt is prefilled, each query head's pre-RoPE queries are summarised by their mean ``mu``
+and covariance ``S`` (the first ``sinks`` positions left out: attention-sink queries are outliers).
+Our cache and the observed queries are post-RoPE, so a query is rotated back by its own position
+first (``ModelAdapter.rope``). A future query at position ``p`` is ``R(p) q``; averaging the rotation
+over the next ``future`` positions gives ``R`` (per rotary pair, the mean of ``exp(i w p)``), and the
+future queries have mean ``R mu`` and covariance ``R S R^T``. For a Gaussian query the expected
+exponentiated logit of key ``k`` is ``exp(s k.R mu + s^2 k^T R S R^T k / 2)`` (``s``: the softmax
+scale); normalised over the keys (a softmax) it is the expected attention weight. The score averages
+it over the query heads of a GQA group and multiplies it by the value's norm (the key's expected
+contribution to the output). The first ``sinks`` positions are always kept.
+
+Question-agnostic by design (the statistics describe the whole prompt, not a question); costs one
+``D x D`` covariance per query head and layer while prefilling, no attention matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ...cache import KVLayer
+from ...errors import ConfigError
+from ..base import Compressor, ScoreContext
+from ..registry import register
+
+PREFIX = "expected_attention_"
+
+
+def rotate(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate rotary pairs ``(f, f + D/2)`` of ``x`` ([..., T, D]) by ``angles`` ([..., T, D/2])."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+def mean_rotation(inv_freq: Tensor, start: float, count: int) -> Tensor:
+    """``[D, D]`` mean of the RoPE rotation matrices of positions ``start .. start + count - 1``."""
+    pos = torch.arange(count, dtype=torch.float64) + start
+    angles = pos[:, None] * inv_freq.double()[None]  # [count, D/2]
+    c, s = angles.cos().mean(0), angles.sin().mean(0)  # [D/2]
+    half = inv_freq.numel()
+    out = torch.zeros(2 * half, 2 * half, dtype=torch.float64)
+    idx = torch.arange(half)
+    out[idx, idx] = c
+    out[idx + half, idx + half] = c
+    out[idx, idx + half] = -s
+    out[idx + half, idx] = s
+    return out
+
+
+@dataclass
+class _Bound:
+    model: str
+    inv_freq: list[Tensor]  # per layer [D/2]
+    scaling: list[float]
+
+
+@register
+@dataclass
+class ExpectedAttentionCompressor(Compressor):
+    """Expected attention of the future queries' distribution (mean and covariance, RoPE-averaged) x |v|.
+
+    future: query positions ahead averaged over (kvpress's default, 512)
+    sinks:  first positions always kept and left out of the query statistics
+    covariance: include the queries' covariance term (False: mean query only)
+    """
+
+    future: int = 512
+    sinks: int = 4
+    covariance: bool = True
+    _bound: _Bound | None = field(default=None, init=False, repr=False, compare=False)
+
+    name = "expected_attention"
+    paper = ("Devoto et al., Expected Attention: KV Cache Compression by Estimating Attention from Future "
+             "Queries Distribution, arXiv:2510.00636")
+    supported_phases = ("prefill",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.future < 1:
+            raise ConfigError(f"expected_attention future must be >= 1 position, got {self.future}")
+        if self.sinks < 0:
+            raise ConfigError(f"expected_attention sinks must be >= 0, got {self.sinks}")
+
+    def bind(self, engine) -> None:
+        """Read the model's RoPE frequencies (to rotate observed queries back to their pre-RoPE form)."""
+        adapter = engine.adapter
+        fingerprint = adapter.fingerprint()
+        if self._bound is not None and self._bound.model == fingerprint:
+            return
+        ropes = [adapter.rope(i) for i in range(adapter.spec.layers)]
+        self._bound = _Bound(fingerprint, [r.inv_freq for r in ropes], [r.scaling for r in ropes])
+
+    def _rope(self, layer_idx: int) -> tuple[Tensor, float]:
+        if self._bound is None:
+            raise ConfigError("expected_attention needs the model's RoPE frequencies: give the compressor to "
+                              "an Engine, or call compressor.bind(engine) first")
+        return self._bound.inv_freq[layer_idx], self._bound.scaling[layer_idx]
+
+    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+                key_mass: Tensor | None) -> None:
+        inv_freq, scaling = self._rope(ctx.layer_idx)
+        q = query.double()  # [B, Hq, T, D]
+        pos = query_positions.to(q.device).double()  # [B, T]
+        angles = -pos[:, None, :, None] * inv_freq.to(q.device).double()  # [B, 1, T, D/2]
+        pre = rotate(q, angles) / scaling  # pre-RoPE queries
+        use = (query_positions >= self.sinks).to(q.device)[:, None, :, None].double()  # [B, 1, T, 1]
+        pre = pre * use
+        stats = {"sum": pre.sum(dim=2), "outer": pre.transpose(-1, -2) @ pre, "count": use.sum(dim=2)}
+        for name, value in stats.items():  # [B, Hq, D], [B, Hq, D, D], [B, 1, 1]
+            key = PREFIX + name
+            prev = layer.extra.get(key)
+            layer.extra[key] = value if prev is None or prev.shape != value.shape else prev + value
+
+    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+        if PREFIX + "sum" not in layer.extra:
+            raise RuntimeError("expected_attention scores need the prompt's query statistics; no prefill was observed")
+        inv_freq, scaling = self._rope(ctx.layer_idx)
+        keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
+        batch, heads, length, dim = keys.shape
+        count = layer.extra[PREFIX + "count"].clamp(min=1.0)  # [B, 1, 1]
+        mean = layer.extra[PREFIX + "sum"] / count  # [B, Hq, D]
+        cov = layer.extra[PREFIX + "outer"] / count[..., None] - mean[..., :, None] * mean[..., None, :]
+        scores = []
+        for b in range(batch):  # the future positions differ per sequence
+            rot = mean_rotation(inv_freq, float(ctx.seen[b]), self.future).to(keys.device)  # [D, D]
+            mu = scaling * mean[b] @ rot.T  # [Hq, D]
+            k = keys[b].double()  # [H, L, D]
+            groups = mu.shape[0] // heads
+            mu = mu.view(heads, groups, dim)
+            logits = torch.einsum("hgd,hld->hgl", mu, k) * layer.scale  # [H, G, L]
+            if self.covariance:
+                sigma = (scaling ** 2) * rot @ cov[b] @ rot.T  # [Hq, D, D]
+                sigma = sigma.view(heads, groups, dim, dim)
+                logits = logits + 0.5 * layer.scale ** 2 * torch.einsum("hld,hgde,hle->hgl", k, sigma, k)
+            if not layer.uniform:
+                logits = logits.masked_fill(~layer.valid_mask()[b][:, None], float("-inf"))
+            weight = logits.softmax(dim=-1).mean(dim=1)  # [H, L]
+            scores.append(weight * values[b].double().norm(dim=-1))
+        out = torch.stack(scores).float()  # [B, H, L]
+        return out.masked_fill(positions < self.sinks, float("inf"))
