@@ -165,6 +165,8 @@ class Runner:
         segments = Segments(context, question)
         engine.check_length(segments)
         observers = _observers([compressors[m] for m, _ in todo])
+        for observer in observers:  # methods that read the model (RoPE, calibration) before observing
+            observer.bind(engine)
         t0 = time.perf_counter()
         bases: dict[bool, tuple] = {}
         with engine.adapter.attached():
