@@ -42,7 +42,7 @@ def test_compressed_answers_match_the_engine_run_alone(llama):
 
     tok = ToyTokenizer()
     methods = [MethodSpec("h2o", 0.5), MethodSpec("snapkv", 0.75), MethodSpec("knorm", 0.5),
-               MethodSpec("streaming_llm", 0.875)]
+               MethodSpec("streaming_llm", 0.875), MethodSpec("expected_attention", 0.5)]
     config = GenerationConfig(max_new_tokens=6, stop=("\n",))
     for s in samples(2):
         runner = Runner(Engine(llama, tok), max_new_tokens=6)
