@@ -9,7 +9,8 @@ import torch
 from slimkv.cache import KVLayer
 from slimkv.compressors import make_compressor
 from slimkv.compressors.base import ScoreContext
-from slimkv.compressors.eviction.expected_attention import PREFIX, _Bound, mean_rotation, rotate
+from slimkv.cache.vq_codes import rope
+from slimkv.compressors.eviction.expected_attention import PREFIX, _Bound, mean_rotation
 from slimkv.errors import ConfigError
 
 D = 8
@@ -29,15 +30,15 @@ def _ctx(seen: int, keep: int = 4) -> ScoreContext:
 def test_mean_rotation_is_the_average_of_the_rotations():
     x = torch.randn(3, D, dtype=torch.float64)
     pos = torch.arange(100, 132, dtype=torch.float64)
-    rotated = torch.stack([rotate(x[:, None], (p * INV_FREQ)[None, None])[:, 0] for p in pos]).mean(0)
-    torch.testing.assert_close(x @ mean_rotation(INV_FREQ, 100, 32).T, rotated)
+    rotated = torch.stack([rope(x, torch.full((3,), float(p)), INV_FREQ.float()).double() for p in pos]).mean(0)
+    torch.testing.assert_close(x @ mean_rotation(INV_FREQ, 100, 32).T, rotated, atol=1e-5, rtol=1e-5)
 
 
 def test_observe_recovers_pre_rope_statistics():
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(1, 2, 20, D, generator=g, dtype=torch.float64) + 2.0  # [B, Hq, T, D]
     pos = torch.arange(20)[None]
-    post = rotate(pre, pos[:, None, :, None].double() * INV_FREQ).float()
+    post = rope(pre.float(), pos[:, None, :], INV_FREQ.float())
     comp = _bound(make_compressor("expected_attention", ratio=0.5, sinks=4))
     layer = KVLayer()
     comp.observe(layer, _ctx(10), post[:, :, :10], pos[:, :10], None)  # two chunks accumulate
@@ -52,7 +53,7 @@ def test_score_is_expected_attention_times_value_norm():
     g = torch.Generator().manual_seed(1)
     pre = torch.randn(1, 2, 30, D, generator=g, dtype=torch.float64)  # 2 query heads, one KV head
     pos = torch.arange(30)[None]
-    post = rotate(pre, pos[:, None, :, None].double() * INV_FREQ).float()
+    post = rope(pre.float(), pos[:, None, :], INV_FREQ.float())
     keys = torch.randn(1, 1, 30, D, generator=g)
     values = torch.randn(1, 1, 30, D, generator=g)
     for covariance in (False, True):

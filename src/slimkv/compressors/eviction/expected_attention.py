@@ -26,19 +26,12 @@ import torch
 from torch import Tensor
 
 from ...cache import KVLayer
+from ...cache.vq_codes import rope
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
 
 PREFIX = "expected_attention_"
-
-
-def rotate(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate rotary pairs ``(f, f + D/2)`` of ``x`` ([..., T, D]) by ``angles`` ([..., T, D/2])."""
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
 def mean_rotation(inv_freq: Tensor, start: float, count: int) -> Tensor:
@@ -108,11 +101,9 @@ class ExpectedAttentionCompressor(Compressor):
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         inv_freq, scaling = self._rope(ctx.layer_idx)
-        q = query.double()  # [B, Hq, T, D]
-        pos = query_positions.to(q.device).double()  # [B, T]
-        angles = -pos[:, None, :, None] * inv_freq.to(q.device).double()  # [B, 1, T, D/2]
-        pre = rotate(q, angles) / scaling  # pre-RoPE queries
-        use = (query_positions >= self.sinks).to(q.device)[:, None, :, None].double()  # [B, 1, T, 1]
+        # pre-RoPE queries [B, Hq, T, D]: rotated back by their own positions
+        pre = rope(query.float(), query_positions[:, None, :], -inv_freq).double() / scaling
+        use = (query_positions >= self.sinks).to(pre.device)[:, None, :, None].double()  # [B, 1, T, 1]
         pre = pre * use
         stats = {"sum": pre.sum(dim=2), "outer": pre.transpose(-1, -2) @ pre, "count": use.sum(dim=2)}
         for name, value in stats.items():  # [B, Hq, D], [B, Hq, D, D], [B, 1, 1]
