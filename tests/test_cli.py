@@ -78,3 +78,21 @@ def test_calibrate_triattention_records_what_it_used(capsys, monkeypatch, llama,
     assert manifest["tokens"] == 32 and manifest["text"] == "noise" and len(manifest["sha256"]) == 64
     code, _, err = run(capsys, "calibrate", "triattention", "--tokens", "4")
     assert code == 2 and "at least 16 tokens" in err
+
+
+def test_calibrate_kivi_records_the_wide_key_layers(capsys, monkeypatch, llama, tmp_path):
+    import slimkv.models
+    from slimkv.compressors import calibration
+
+    from .conftest import ToyTokenizer
+
+    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None: (llama, ToyTokenizer()))
+    monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
+    code, out, _ = run(capsys, "calibrate", "kivi", "--tokens", "96", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["probes"] == 4 and len(data["wide_key_layers"]) == 1
+    assert data["wide_key_layers"][0] == data["most_sensitive"][0][0]
+    saved = json.loads(open(data["path"]).read())
+    assert max(range(len(saved["nll_increase"])), key=saved["nll_increase"].__getitem__) == data["wide_key_layers"][0]
+    code, _, err = run(capsys, "calibrate", "kivi", "--tokens", "40")
+    assert code == 2 and "context >= 2 x span" in err

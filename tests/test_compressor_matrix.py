@@ -217,7 +217,7 @@ def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
     (group 32 tokens per key channel, 16 channels per value: 0.5 + 1 bits here) plus shared int16
     positions (0.25 bits with 2 heads of 16 channels) and lengths. Full-precision sinks are turned off
     here (their bytes are asserted in test_quant_layouts.py); a mixed-precision method (``high_bits``)
-    lands between its low and high widths."""
+    lands between its low and high widths; kivi2's wide-key layer adds 2 bits per key element there."""
     params = {"group": 32}
     if "sinks" in compressors.method_info(name).params:
         params["sinks"] = 0
@@ -231,8 +231,12 @@ def test_quantizer_keeps_every_entry_in_fewer_bits(llama, name):
     assert stats.tokens_kept == 256
     elements = 256 * spec.layers * spec.kv_heads * 2 * spec.head_dim
     lengths = spec.layers * spec.kv_heads * 8
+    # kivi2's calibrated wide-key layers store their keys at twice the bits
+    wide = len(getattr(engine.compressor, "wide_layers", ()))
+    assert wide == getattr(engine.compressor, "wide_keys", 0)
+    widened = wide * 256 * spec.kv_heads * spec.head_dim * bits
     if high == bits:
-        assert stats.bytes_kept * 8 == elements * (bits + 0.5 + 1 + 0.25) + lengths * 8
+        assert stats.bytes_kept * 8 == elements * (bits + 0.5 + 1 + 0.25) + lengths * 8 + widened
     else:  # per-head int16 positions and a second set of key groups and lengths in the high part
         assert elements * (bits + 1.75) < stats.bytes_kept * 8 < elements * (high + 1.75 + 1)
 

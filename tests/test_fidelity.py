@@ -32,3 +32,15 @@ def test_perplexity_matches_a_full_forward_and_keeps_the_budget(llama):
     assert math.isclose(full.perplexity, math.exp(nll / (len(tokens) - 1)), rel_tol=1e-4)
     streamed = perplexity(engine, tokens, make_compressor("streaming_llm", budget=24, phase="decode"), "s")
     assert streamed.max_entries <= 24 and streamed.perplexity > 0
+
+
+def test_perplexity_with_a_quantizer_reads_the_quantized_stream(llama):
+    engine = Engine(llama, ToyTokenizer())
+    tokens = prompt_ids(300, seed=4)
+    full = perplexity(engine, tokens, None, "none")
+    q8 = perplexity(engine, tokens, make_compressor("kivi8", group=32), "kivi8")
+    q2 = perplexity(engine, tokens, make_compressor("kivi2", group=32), "kivi2")
+    # the stream really is quantized: fewer bytes than the full cache, and 2 bits moves the result more than 8
+    assert q2.bytes_kept < q8.bytes_kept < full.bytes_kept
+    assert abs(q8.perplexity / full.perplexity - 1) < abs(q2.perplexity / full.perplexity - 1)
+    assert abs(q8.perplexity / full.perplexity - 1) < 0.01

@@ -77,6 +77,18 @@ def test_bytes_are_exact():
     assert q.entries() == H * 300
 
 
+def test_wider_keys_cost_their_bits_and_shrink_the_key_error():
+    layer = dense_layer(tokens=300, dim=16)
+    narrow = QuantizedLayer.from_layer(layer, QuantSpec(bits=2, group=32))
+    wide = QuantizedLayer.from_layer(layer, QuantSpec(bits=2, group=32, key_bits=4))
+    assert wide.k_codes.shape[-1] == 2 * narrow.k_codes.shape[-1] and wide.v_codes.shape == narrow.v_codes.shape
+    assert wide.nbytes() - narrow.nbytes() == 300 * 2 * 16 * 2 // 8  # 2 more bits per key element
+    keys, values, _ = layer.view()
+    (k2, v2, _), (k4, v4, _) = narrow.view(), wide.view()
+    assert float((k4 - keys).abs().mean()) < float((k2 - keys).abs().mean()) / 2
+    assert torch.equal(v4, v2)
+
+
 def test_dequantized_entries_are_within_each_groups_bound():
     spec = QuantSpec(bits=4, group=32, residual=5)
     layer = dense_layer(tokens=101, dim=16)
@@ -229,7 +241,7 @@ def test_cli_accepts_a_composition(capsys):
     args = argparse.Namespace(compressor="snapkv+kivi2", ratio=0.5, budget=None, phase=None)
     comp = build_compressor(args)
     assert comp.describe() == ("snapkv(ratio=0.5, phase=prefill) + kivi2(group=128, residual=0, sinks=4, "
-                               "rotate=True)")
+                               "rotate=True, wide_keys=1)")
 
 
 def test_batch_of_equal_lengths_decodes_like_each_alone(llama):
@@ -288,12 +300,12 @@ def test_sliding_window_and_softcap_models_read_quantized_layers(family):
     assert (got - full).abs().max() / full.abs().max() < 0.05
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_fused_kernel_matches_dequantized_attention(bits):
+@pytest.mark.parametrize("bits, key_bits", [(2, None), (4, None), (8, None), (2, 4), (4, 8)])
+def test_fused_kernel_matches_dequantized_attention(bits, key_bits):
     from slimkv.cache import kernels
 
     layer = dense_layer(batch=2, heads=2, tokens=150, dim=16)
-    q = QuantizedLayer.from_layer(layer, QuantSpec(bits=bits, group=32, residual=3))
+    q = QuantizedLayer.from_layer(layer, QuantSpec(bits=bits, group=32, residual=3, key_bits=key_bits))
     q.append(torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16), torch.arange(150, 154).expand(2, 4))
     query = torch.randn(2, 6, 1, 16)
     position = torch.tensor([[154], [154]])

@@ -24,9 +24,11 @@ output instead of ever un-rotating the cache.
 Eviction does not act on quantized entries (``keep`` and ``replace`` refuse): evict first, then
 quantize what is kept (``compressors/compose.py``).
 
-Layout (``Q`` quantized entries per row, ``NG`` key groups, ``P = head_dim * bits // 8``)::
+Layout (``Q`` quantized entries per row, ``NG`` key groups, ``PK = head_dim * key_bits // 8``,
+``PV = head_dim * bits // 8``)::
 
-    k_codes, v_codes: [batch, kv_heads, Q, P]             uint8, packed (``cache/packing.py``)
+    k_codes:          [batch, kv_heads, Q, PK]            uint8, packed (``cache/packing.py``)
+    v_codes:          [batch, kv_heads, Q, PV]            uint8, packed
     k_scale, k_zero:  [batch, kv_heads, NG, head_dim]     float16, per channel over ``group`` entries
     v_scale, v_zero:  [batch, kv_heads, Q, head_dim / VG] float16, per entry over ``VG`` channels
     positions:        [batch, 1 or kv_heads, Q]           int16 (int32 past 32767), one row when
@@ -65,6 +67,8 @@ class QuantSpec:
     """How a layer is quantized.
 
     bits: bits per code (2, 4 or 8)
+    key_bits: bits per key code when keys get more than values (None: ``bits``); KIVI widens the
+              keys of the few layers a calibration finds most sensitive (``compressors/quantization``)
     group: entries per key group (keys are quantized per channel over ``group`` consecutive entries);
            values are quantized per entry in groups of ``min(group, head_dim)`` channels
     residual: newest entries always kept in full precision (besides a group still filling)
@@ -77,15 +81,23 @@ class QuantSpec:
     residual: int = 0
     sinks: int = 0
     rotate: bool = False
+    key_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if self.key_bits is not None:
+            check_bits(self.key_bits)
         if self.group < 1:
             raise ValueError(f"group must be >= 1, got {self.group}")
         if self.residual < 0:
             raise ValueError(f"residual must be >= 0, got {self.residual}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+
+    @property
+    def kbits(self) -> int:
+        """Bits per key code."""
+        return self.bits if self.key_bits is None else self.key_bits
 
     def value_group(self, head_dim: int) -> int:
         """Channels per value group: ``min(group, head_dim)``, or the whole head if that does not divide it."""
@@ -124,8 +136,9 @@ class QuantizedLayer:
             )
         keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
         dim = keys.shape[-1]
-        if dim % (8 // spec.bits):
-            raise ValueError(f"{spec.bits}-bit packing needs head_dim divisible by {8 // spec.bits}, got {dim}")
+        for bits in {spec.bits, spec.kbits}:
+            if dim % (8 // bits):
+                raise ValueError(f"{bits}-bit packing needs head_dim divisible by {8 // bits}, got {dim}")
         n = keys.shape[2]
         sinks = min(spec.sinks, max(0, n - spec.residual))
         quantized = max(0, n - spec.residual - sinks)
@@ -239,7 +252,7 @@ class QuantizedLayer:
         """Keys and values ``[B, H, Q, D]`` of the quantized entries, in the model dtype."""
         assert self.k_codes is not None and self.v_codes is not None
         spec, q = self.spec, self.quantized_length
-        keys = unpack(self.k_codes, spec.bits).float()  # [B, H, Q, D]
+        keys = unpack(self.k_codes, spec.kbits).float()  # [B, H, Q, D]
         k_scale = self.k_scale.float().repeat_interleave(spec.group, dim=2)[:, :, self.k_pad : self.k_pad + q]
         k_zero = self.k_zero.float().repeat_interleave(spec.group, dim=2)[:, :, self.k_pad : self.k_pad + q]
         keys = keys * k_scale + k_zero
@@ -377,14 +390,14 @@ def _quantize_keys(keys: Tensor, spec: QuantSpec, pad: int) -> tuple[Tensor, Ten
     batch, heads, n, dim = keys.shape
     if n == 0:
         empty = keys.new_zeros(batch, heads, 0, dim, dtype=PARAM_DTYPE)
-        return keys.new_zeros(batch, heads, 0, dim * spec.bits // 8, dtype=torch.uint8), empty, empty.clone()
+        return keys.new_zeros(batch, heads, 0, dim * spec.kbits // 8, dtype=torch.uint8), empty, empty.clone()
     if pad:
         keys = torch.cat([keys[:, :, :1].expand(batch, heads, pad, dim), keys], dim=2)
     groups = keys.shape[2] // spec.group
     grouped = keys.reshape(batch, heads, groups, spec.group, dim).transpose(3, 4)  # [B, H, NG, D, G]
-    q = quantize(grouped, spec.bits)
+    q = quantize(grouped, spec.kbits)
     codes = q.codes.transpose(3, 4).reshape(batch, heads, groups * spec.group, dim)[:, :, pad:]
-    return pack(codes, spec.bits), q.scale[..., 0], q.zero[..., 0]
+    return pack(codes, spec.kbits), q.scale[..., 0], q.zero[..., 0]
 
 
 def _quantize_values(values: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:

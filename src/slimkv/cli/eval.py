@@ -88,7 +88,8 @@ def add_parser(sub) -> None:
                                      "the cache within --budget entries per layer and KV head.")
     add_model_options(q)
     q.add_argument("--compressors", default="none,streaming_llm,h2o,knorm",
-                   help="comma-separated decode-capable methods")
+                   help="comma-separated decode-capable methods or quantizers (kivi2, zipvl, commvq2, ...: "
+                        "they take no budget and quantize the stream as their groups fill)")
     q.add_argument("--budget", type=int, default=256, help="entries kept per layer and KV head (default 256)")
     q.add_argument("--tokens", type=int, default=1024, help="text tokens scored (default 1024)")
     q.add_argument("--haystack", default="bible", help="text to score (default bible)")
@@ -261,11 +262,18 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from ..compressors import make_compressor
+    from ..compressors import make_compressor, method_info
     from ..evals.fidelity import perplexity
 
+    def build(name: str):
+        if name == "none":
+            return None
+        if "+" not in name and method_info(name).kind == "quantization":
+            return make_compressor(name)  # every entry kept, in fewer bits: no budget applies
+        return make_compressor(name, budget=args.budget, phase="decode")
+
     names = _names(args.compressors)
-    comps = {n: None if n == "none" else make_compressor(n, budget=args.budget, phase="decode") for n in names}
+    comps = {n: build(n) for n in names}
     engine, tokenizer = _engine(args)
     tokens = _text_tokens(tokenizer, args.haystack, args.tokens + 1, args.offset)
     rows = [perplexity(engine, tokens, comp, name) for name, comp in comps.items()]
@@ -274,5 +282,6 @@ def run_perplexity(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             print(f"{r.method:<14} perplexity {r.perplexity:8.3f} over {r.tokens} tokens "
-                  f"(at most {r.max_entries} entries per layer and KV head)")
+                  f"(at most {r.max_entries} entries per layer and KV head; "
+                  f"KV {r.bytes_kept / max(r.bytes_full, 1):.3f} of a full cache at the end)")
     return 0

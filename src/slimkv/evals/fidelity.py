@@ -5,7 +5,9 @@
   steps whose argmax equals the full cache's token), mean KL(full || method) over the steps, and the
   first step whose argmax differs (``None`` if none does).
 - :func:`perplexity`: real text is fed one token at a time with the method compressing in the decode
-  phase (the cache never exceeds its budget); the perplexity of the text under that model.
+  phase (the cache never exceeds its budget); the perplexity of the text under that model. A
+  quantizer converts the cache after the prefix and then quantizes the stream itself as its groups
+  fill, so every scored token reads the quantized cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Perplexity:
     tokens: int
     perplexity: float
     max_entries: int
+    bytes_kept: int = 0
+    bytes_full: int = 0
 
 
 def _step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
@@ -81,7 +85,11 @@ def fidelity(engine: Engine, prompt: list[int], methods: dict[str, Compressor], 
 
 
 def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name: str, prefix: int = 1) -> Perplexity:
-    """Perplexity of ``tokens[prefix:]`` fed one token at a time, compressing in the decode phase."""
+    """Perplexity of ``tokens[prefix:]`` fed one token at a time, compressing in the decode phase.
+
+    A quantizer (``comp.quantizes`` without a decode phase) converts the cache once after the prefix;
+    its layers quantize every later entry as their groups fill.
+    """
     if len(tokens) <= prefix:
         raise ValueError("perplexity needs more tokens than the prefix")
     nll, peak = 0.0, 0
@@ -90,9 +98,12 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
     with engine.adapter.attached():
         cache = engine.new_cache()
         logp = engine.prefill(cache, tokens[:prefix])[0].float().log_softmax(-1)
+        if comp is not None and comp.quantizes and not comp.active("decode"):
+            ForwardContext(cache, torch.empty(1, 0), comp, phase="prefill").compress()
         for t in tokens[prefix:]:
             nll -= float(logp[t])
             logp = _step(engine, cache, t, comp)
             peak = max(peak, max(layer.max_length for layer in cache.layers))
+        stats = cache.stats()
     count = len(tokens) - prefix
-    return Perplexity(name, count, math.exp(nll / count), peak)
+    return Perplexity(name, count, math.exp(nll / count), peak, stats.bytes_kept, stats.bytes_full)

@@ -86,7 +86,7 @@ def _compile() -> ctypes.CDLL | None:
                 return None
             os.replace(built, target)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(str(target))
-    lib.kivi_decode.argtypes = ([ctypes.c_int] * 10 + [ctypes.c_float] + [ctypes.c_void_p] * 10
+    lib.kivi_decode.argtypes = ([ctypes.c_int] * 11 + [ctypes.c_float] + [ctypes.c_void_p] * 10
                                 + [ctypes.c_int])
     lib.kivi_decode.restype = None
     return lib
@@ -148,7 +148,7 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
     # float16 parameters widened here (a few small vectorized copies; C would convert them one by one)
     k_scale, k_zero, v_scale, v_zero = (t.float() for t in (layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero))
     out = torch.empty_like(q)
-    lib.kivi_decode(batch * heads, layer.quantized_length, extra, dim, rows, spec.bits,
+    lib.kivi_decode(batch * heads, layer.quantized_length, extra, dim, rows, spec.kbits, spec.bits,
                     spec.group, layer.k_pad, layer.k_scale.shape[2], layer.v_scale.shape[-1], scale,
                     _ptr(q), _ptr(layer.k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(layer.v_codes),
                     _ptr(v_scale), _ptr(v_zero), _ptr(res_k), _ptr(res_v), _ptr(out),

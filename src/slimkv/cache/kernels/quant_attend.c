@@ -37,14 +37,14 @@ static inline void unpack_row(const uint8_t *src, int P, int bits, float *dst) {
  * computed from the packed codes without writing dequantized entries anywhere: the key scales are
  * folded into the query once per group, the value scales into the weights once per entry.
  *
- *   q, out: [BH, R, D] float; k_codes, v_codes: [BH, Q, D * bits / 8] uint8
+ *   q, out: [BH, R, D] float; k_codes: [BH, Q, D * kbits / 8], v_codes: [BH, Q, D * vbits / 8] uint8
  *   k_scale, k_zero: [BH, NG, D] float; v_scale, v_zero: [BH, Q, NV] float (stored as float16)
  *   res_k, res_v: [BH, NR, D] float (the full-precision residual) */
-void kivi_decode(int BH, int Q, int NR, int D, int R, int bits, int group, int pad, int NG, int NV,
+void kivi_decode(int BH, int Q, int NR, int D, int R, int kbits, int vbits, int group, int pad, int NG, int NV,
                  float scale, const float *q, const uint8_t *k_codes, const float *k_scale,
                  const float *k_zero, const uint8_t *v_codes, const float *v_scale,
                  const float *v_zero, const float *res_k, const float *res_v, float *out, int threads) {
-    const int P = D * bits / 8, VG = D / NV, L = Q + NR;
+    const int PK = D * kbits / 8, PV = D * vbits / 8, VG = D / NV, L = Q + NR;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int bh = 0; bh < BH; bh++) {
         float row[1024];
@@ -64,10 +64,10 @@ void kivi_decode(int BH, int Q, int NR, int D, int R, int bits, int group, int p
                 qz[g * R + r] = z;
             }
         }
-        const uint8_t *kc = k_codes + (size_t)bh * Q * P;
+        const uint8_t *kc = k_codes + (size_t)bh * Q * PK;
         for (int t = 0; t < Q; t++) {
             const int g = (t + pad) / group;
-            unpack_row(kc + (size_t)t * P, P, bits, row);
+            unpack_row(kc + (size_t)t * PK, PK, kbits, row);
             for (int r = 0; r < R; r++) {
                 const float *w = qs + ((size_t)g * R + r) * D;
                 float acc = 0.0f;
@@ -93,12 +93,12 @@ void kivi_decode(int BH, int Q, int NR, int D, int R, int bits, int group, int p
         }
         float *ob = out + (size_t)bh * R * D;
         memset(ob, 0, sizeof(float) * R * D);
-        const uint8_t *vc = v_codes + (size_t)bh * Q * P;
+        const uint8_t *vc = v_codes + (size_t)bh * Q * PV;
         const float *vs = v_scale + (size_t)bh * Q * NV, *vz = v_zero + (size_t)bh * Q * NV;
         float *bias = qz;  /* reused: [R, NV] sums of p * zero, added once at the end */
         memset(bias, 0, sizeof(float) * R * NV);
         for (int t = 0; t < Q; t++) {
-            unpack_row(vc + (size_t)t * P, P, bits, row);
+            unpack_row(vc + (size_t)t * PV, PV, vbits, row);
             for (int r = 0; r < R; r++) {
                 const float p = s[(size_t)r * L + t];
                 float *a = ob + r * D;

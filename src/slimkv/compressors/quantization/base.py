@@ -51,8 +51,8 @@ class Quantizer(Compressor):
         """The settings shown by ``describe``."""
         return ""
 
-    def quantize(self, layer: KVLayer) -> QuantizedLayer:
-        """The quantized form of a dense layer (its entries in time order)."""
+    def quantize(self, layer: KVLayer, layer_idx: int = 0) -> QuantizedLayer:
+        """The quantized form of a dense layer (its entries in time order) at index ``layer_idx``."""
         raise NotImplementedError
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:  # pragma: no cover - never called
@@ -62,4 +62,4 @@ class Quantizer(Compressor):
         """Return the quantized layer that replaces ``layer`` (a quantized layer is returned as is)."""
         if getattr(layer, "quantized", False) or not layer.initialized:
             return layer
-        return self.quantize(layer)
+        return self.quantize(layer, ctx.layer_idx)

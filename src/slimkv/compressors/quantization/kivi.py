@@ -16,10 +16,18 @@ element and 2 x 16 / 64 channels = 0.5 bits per value element, 0.375 bits on ave
 positions shared by the heads add about 0.04. The residual is stored in the model dtype (float32 for
 the embedded model, 30 bits over a 2-bit entry), so ``residual`` defaults to 0: the prompt is fully
 quantized and only decoded tokens wait in full precision until a group fills.
+
+Wide keys (slimkv's addition, 2 bits only): a few layers of a model cannot read 2-bit keys - on the
+embedded model layer 18 alone turns the needle 89920 into 8920. ``wide_keys`` layers, the ones whose
+keys a per-model calibration finds most costly to quantize (``kivi_calibration.py``: copying a random
+span from the context with one layer's keys quantized at a time), store keys at 4 bits. Each costs
+``1 / layers`` bits per element on average (0.033 on the embedded model's 30 layers: kivi2 is 2.48
+bits at 4k). The calibration runs once per model when an engine takes the compressor, and is cached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ...cache import KVLayer, QuantizedLayer, QuantSpec
@@ -40,6 +48,8 @@ class KIVI(Quantizer):
     residual: newest entries kept in full precision besides a group still filling
     sinks: oldest entries (attention sinks) kept in full precision
     rotate: quantize keys and values in a Hadamard-rotated basis (spreads outlier channels; no bytes)
+    wide_keys: layers whose keys are stored at twice the bits, chosen by a per-model calibration
+               (default 1 for kivi2, 0 otherwise; see the module docstring)
     """
 
     bits: int = field(default=2, init=False)
@@ -47,6 +57,7 @@ class KIVI(Quantizer):
     residual: int = 0
     sinks: int = 4
     rotate: bool = True
+    wide_keys: int = 0
 
     paper = PAPER
 
@@ -58,6 +69,11 @@ class KIVI(Quantizer):
             raise ConfigError(f"{self.name} residual must be >= 0 tokens, got {self.residual}")
         if self.sinks < 0:
             raise ConfigError(f"{self.name} sinks must be >= 0 tokens, got {self.sinks}")
+        if self.wide_keys < 0:
+            raise ConfigError(f"{self.name} wide_keys must be >= 0 layers, got {self.wide_keys}")
+        if self.wide_keys and self.bits == 8:
+            raise ConfigError(f"{self.name} keys are already 8-bit; wide_keys applies to 2- and 4-bit KIVI")
+        self._wide: tuple[str, frozenset[int]] | None = None  # (model fingerprint, layers with wide keys)
 
     @property
     def spec(self) -> QuantSpec:
@@ -65,10 +81,37 @@ class KIVI(Quantizer):
                          rotate=self.rotate)
 
     def params(self) -> str:
-        return f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate}"
+        wide = f", wide_keys={self.wide_keys}" if self.wide_keys else ""
+        return f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate}{wide}"
 
-    def quantize(self, layer: KVLayer) -> QuantizedLayer:
-        return QuantizedLayer.from_layer(layer, self.spec)
+    def bind(self, engine) -> None:
+        """Find (once per model, cached) the layers whose keys are stored wide."""
+        if not self.wide_keys:
+            return
+        fingerprint = engine.adapter.fingerprint()
+        if self._wide is not None and self._wide[0] == fingerprint:
+            return
+        from .kivi_calibration import ensure_sensitivity
+
+        layers = ensure_sensitivity(engine, self.spec).most_sensitive(self.wide_keys)
+        self._wide = (fingerprint, frozenset(layers))
+
+    @property
+    def wide_layers(self) -> frozenset[int]:
+        """Layers whose keys are stored at ``2 * bits`` (empty until bound to an engine)."""
+        return frozenset() if self._wide is None else self._wide[1]
+
+    def quantize(self, layer: KVLayer, layer_idx: int = 0) -> QuantizedLayer:
+        if self.wide_keys and self._wide is None:
+            raise ConfigError(
+                f"{self.name} with wide_keys={self.wide_keys} needs the model's layer calibration: give the "
+                "compressor to an Engine (Engine(model, tokenizer, compressor)), call compressor.bind(engine) "
+                "first, or pass wide_keys=0"
+            )
+        spec = self.spec
+        if layer_idx in self.wide_layers:
+            spec = dataclasses.replace(spec, key_bits=2 * self.bits)
+        return QuantizedLayer.from_layer(layer, spec)
 
 
 @register
@@ -77,6 +120,7 @@ class KIVI2(KIVI):
     """KIVI at 2 bits per key and value code (four codes per byte)."""
 
     bits: int = field(default=2, init=False)
+    wide_keys: int = 1
     name = "kivi2"
 
 

@@ -22,6 +22,7 @@ from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
+from .kivi import KIVI2
 
 
 @register
@@ -32,7 +33,8 @@ class MiniKV(Compressor):
     schedule, beta: the layer budget schedule (default pyramid, beta 2: 1.5x the average budget in
           the first layer down to 0.5x in the last)
     window, kernel: SnapKV's observation window and pooling kernel
-    group, residual, sinks, rotate: KIVI's key group, full-precision residual and sinks, rotation (see kivi2)
+    group, residual, sinks, rotate, wide_keys: KIVI's key group, full-precision residual and sinks,
+          rotation, calibrated wide-key layers (see kivi2)
     """
 
     schedule: str = "pyramid"
@@ -43,6 +45,7 @@ class MiniKV(Compressor):
     residual: int = 0
     sinks: int = 4
     rotate: bool = True
+    wide_keys: int = 1
     _snapkv: SnapKVCompressor = field(init=False, repr=False, compare=False)
 
     name = "minikv"
@@ -59,7 +62,16 @@ class MiniKV(Compressor):
                                         kernel=self.kernel)
         if self.sinks < 0:
             raise ConfigError(f"minikv sinks must be >= 0 tokens, got {self.sinks}")
-        self.spec = QuantSpec(bits=2, group=self.group, residual=self.residual, sinks=self.sinks, rotate=self.rotate)
+        self._kivi = KIVI2(group=self.group, residual=self.residual, sinks=self.sinks, rotate=self.rotate,
+                           wide_keys=self.wide_keys)
+        self.spec = self._kivi.spec
+
+    def bind(self, engine) -> None:
+        self._kivi.bind(engine)
+
+    @property
+    def wide_layers(self) -> frozenset[int]:
+        return self._kivi.wide_layers
 
     @property
     def compresses(self) -> bool:
@@ -67,7 +79,7 @@ class MiniKV(Compressor):
 
     def describe(self) -> str:
         return (f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual}, "
-                f"sinks={self.sinks}, rotate={self.rotate})")
+                f"sinks={self.sinks}, rotate={self.rotate}, wide_keys={self.wide_keys})")
 
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
@@ -82,4 +94,4 @@ class MiniKV(Compressor):
             return layer
         if self._snapkv.compresses:  # ctx.keep is already this layer's budget (the pyramid schedule)
             self._snapkv.compress(layer, ctx)
-        return QuantizedLayer.from_layer(layer, self.spec)
+        return self._kivi.quantize(layer, ctx.layer_idx)
