@@ -130,30 +130,8 @@ def plots(cells: list[Cell], rows: list[dict], out: Path) -> list[Path]:
         by_table[(c.task, c.question_aware)].append(c)
     for (task, qa), cs in sorted(by_table.items()):
         setting = "aware" if qa else "agnostic"
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        methods = sorted({c.method for c in cs if c.method != "none" and c.ratio is not None})
-        for m in methods:
-            pts = defaultdict(list)
-            for c in cs:
-                if c.method == m and c.ratio is not None:
-                    pts[c.ratio].append(c.score)
-            xs = sorted(pts)
-            ax.plot(xs, [mean(pts[x]) for x in xs], marker="o", label=m)
-        fixed = sorted({c.method for c in cs if c.method != "none" and c.ratio is None and c.budget is None})
-        for m in fixed:  # methods without a ratio (quantizers keep every entry): a reference line each
-            ax.axhline(mean([c.score for c in cs if c.method == m and c.ratio is None]), linestyle=":",
-                       color=f"C{(len(methods) + fixed.index(m)) % 10}", label=f"{m} (all entries)")
-        full = [c.score for c in cs if c.method == "none"]
-        if full:
-            ax.axhline(mean(full), color="black", linestyle="--", label="full cache")
-        ax.set(xlabel="compression ratio (fraction of KV removed)", ylabel="score",
-               title=f"{task}, question-{setting}", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
-        fig.tight_layout()
         path = out / f"score_vs_ratio_{task}_{setting}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_score_plot(plt, cs, path, f"{task}, question-{setting}"))
         if task in ("needle", "passkey"):
             written.append(_heatmap(plt, [r for r in rows if r["task"] == task and r["question_aware"] == qa],
                                     out / f"heatmap_{task}_{setting}.png", f"{task}, question-{setting}"))
@@ -161,8 +139,56 @@ def plots(cells: list[Cell], rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+#: line styles cycled with the 20 colours of ``tab20``, so that no two methods look alike
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _score_plot(plt, cs: list[Cell], path: Path, title: str) -> Path:
+    """One line per eviction method (score against ratio), one star per quantizer (at the share of
+    bytes it removes), the full cache as a dashed line; the legend lists methods best first, each
+    with its mean score as a share of the full cache's."""
+    full = [c.score for c in cs if c.method == "none"]
+    full_mean = mean(full) if full else 0.0
+    series = []
+    for m in sorted({c.method for c in cs if c.method != "none" and c.budget is None}):
+        mine = [c for c in cs if c.method == m and c.budget is None]
+        quantizer = all(c.ratio is None for c in mine)
+        if quantizer:  # one point: the mean share of bytes removed, the mean score over lengths
+            xs, ys = [1.0 - mean(c.kept_fraction for c in mine)], [mean(c.score for c in mine)]
+        else:
+            pts: dict[float, list[float]] = defaultdict(list)
+            for c in mine:
+                pts[c.ratio].append(c.score)
+            xs = sorted(pts)
+            ys = [mean(pts[x]) for x in xs]
+        series.append((mean(ys), m, quantizer, xs, ys))
+    series.sort(key=lambda t: (-t[0], t[1]))
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    for i, (avg, m, quantizer, xs, ys) in enumerate(series):
+        share = f"{avg / full_mean:.0%}" if full_mean else f"{avg:.2f}"
+        if quantizer:
+            ax.plot(xs, ys, linestyle="none", marker="*", markersize=13, color=cmap(i % 20),
+                    markeredgecolor="black", markeredgewidth=0.5, label=f"{m} [quantized] ({share})")
+        else:
+            ax.plot(xs, ys, linestyle=_STYLES[(i // 20) % 4 if i >= 20 else i % 2],
+                    marker=_MARKERS[i % len(_MARKERS)], color=cmap(i % 20), label=f"{m} ({share})")
+    if full:
+        ax.axhline(full_mean, color="black", linestyle="--", linewidth=1.5, label="full cache")
+    ax.set(xlabel="share of the KV cache removed (eviction: the ratio; quantizers: bytes)",
+           ylabel="score (mean over lengths)", title=f"{title} (legend: best first, % of the full cache)",
+           ylim=(-0.02, max([1.02, *(y + 0.05 for *_, ys in series for y in ys)])), xlim=(0.45, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _heatmap(plt, rows: list[dict], path: Path, title: str) -> Path:
-    """Depth x length score per configuration (the strongest compression of each method)."""
+    """Depth x length score per configuration (the strongest compression of each method), in a grid."""
     labels = sorted({(r["method"], r["ratio"] or 0.0) for r in rows})
     strongest = {}
     for m, ratio in labels:
@@ -170,23 +196,33 @@ def _heatmap(plt, rows: list[dict], path: Path, title: str) -> Path:
     panels = sorted(strongest.items(), key=lambda kv: (kv[0] != "none", kv[0]))
     lengths = sorted({r["length"] for r in rows})
     bins = 5
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1, 3), squeeze=False)
-    for ax, (m, ratio) in zip(axes[0], panels):
+    cols = min(8, len(panels))
+    grid_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(1.6 * cols + 1.2, 1.9 * grid_rows + 0.8), squeeze=False)
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.axis("off")
+            continue
+        m, ratio = panels[k]
         grid = [[[] for _ in lengths] for _ in range(bins)]
         for r in rows:
             if r["method"] == m and (r["ratio"] or 0.0) == ratio and r["depth"] is not None:
                 b = min(int(r["depth"] * bins), bins - 1)
                 grid[b][lengths.index(r["length"])].append(r["score"])
         data = [[mean(v) if v else float("nan") for v in row] for row in grid]
-        ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(bins), [f"{(i + 0.5) / bins:.0%}" for i in range(bins)], fontsize=7)
-        ax.set_title(m if m == "none" else f"{m}@{ratio}", fontsize=8)
-    axes[0][0].set_ylabel("needle depth")
-    for ax in axes[0]:
-        ax.set_xlabel("context tokens", fontsize=7)
-    fig.suptitle(title, fontsize=9)
+        image = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n / 1000:g}k" for n in lengths], fontsize=7)
+        ax.set_yticks(range(bins), [f"{(i + 0.5) / bins:.0%}" for i in range(bins)], fontsize=6)
+        ax.set_title(m if m == "none" or not ratio else f"{m}@{ratio}", fontsize=8)
+        if k % cols == 0:
+            ax.set_ylabel("needle depth", fontsize=7)
+        if k // cols == grid_rows - 1 or k + cols >= len(panels):
+            ax.set_xlabel("context tokens", fontsize=7)
+    fig.suptitle(f"{title}: score by needle depth and length (each method at its strongest ratio)", fontsize=9)
     fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="score")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
