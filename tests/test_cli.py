@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_calibrate_kivi_records_the_wide_key_layers(capsys, monkeypatch, llama, 
     data = json.loads(out)
     assert code == 0 and data["probes"] == 4 and len(data["wide_key_layers"]) == 1
     assert data["wide_key_layers"][0] == data["most_sensitive"][0][0]
-    saved = json.loads(open(data["path"]).read())
+    saved = json.loads(Path(data["path"]).read_text())
     assert max(range(len(saved["nll_increase"])), key=saved["nll_increase"].__getitem__) == data["wide_key_layers"][0]
     code, _, err = run(capsys, "calibrate", "kivi", "--tokens", "40")
     assert code == 2 and "context >= 2 x span" in err

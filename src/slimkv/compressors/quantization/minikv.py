@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from ...cache import KVLayer, QuantizedLayer, QuantSpec
+from ...cache import KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor
