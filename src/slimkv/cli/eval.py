@@ -278,7 +278,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     tokens = _text_tokens(tokenizer, args.haystack, args.tokens + 1, args.offset)
     rows = [perplexity(engine, tokens, comp, name) for name, comp in comps.items()]
     if args.json:
-        print(json.dumps([{**r.__dict__, "budget": args.budget} for r in rows]))
+        print(json.dumps([{**r.__dict__, "budget": None if comps[r.method] is not None and comps[r.method].quantizes
+                           else args.budget} for r in rows]))
     else:
         for r in rows:
             print(f"{r.method:<14} perplexity {r.perplexity:8.3f} over {r.tokens} tokens "
