@@ -10,7 +10,8 @@
 2. Needle retrieval at 1k and 2k tokens (the evaluation runner: one prefill per sample, every
    method on the same samples, the full cache included), question-agnostic and question-aware.
 3. Decode speed at ~8k tokens: one prefill, a clone per configuration, configurations interleaved
-   ``--repeats`` times and the fastest kept; kivi2 also through the PyTorch path (kernel disabled).
+   ``--repeats`` times and the fastest kept; every quantization mode, kivi2 also through the PyTorch
+   path (kernel disabled).
 
     python benchmarks/quant.py [--samples 5] [--new-tokens 32] [--repeats 2] [--threads 1]
 
@@ -41,7 +42,7 @@ BITS_MODES = [("none", None), ("kivi8", None), ("kivi4", None), ("kivi2", None),
               ("snapkv+kivi2", 0.5), ("minikv", 0.5)]
 NEEDLE_METHODS = [MethodSpec("kivi8"), MethodSpec("kivi4"), MethodSpec("kivi2"), MethodSpec("zipvl"),
                   MethodSpec("snapkv", ratio=0.5), MethodSpec("snapkv+kivi2", ratio=0.5), MethodSpec("minikv", ratio=0.5)]
-SPEED_MODES = ["none", "kivi4", "kivi2", "kivi2 (PyTorch path)"]
+SPEED_MODES = ["none", "kivi8", "kivi4", "kivi2", "kivi2 (PyTorch path)", "zipvl", "commvq2", "commvq1"]
 
 
 def label(name: str, ratio: float | None) -> str:
@@ -106,17 +107,20 @@ def speed_section(model, tokenizer, length: int, new_tokens: int, repeats: int) 
     sample = needle_sample(tokenizer, length, depth=0.5, seed=0)
     segments = Segments(tokenizer.encode(sample.context + sample.question), [])
     engine = Engine(model, tokenizer)
+    comps = {name: slimkv.make_compressor(name) for name in {m.split()[0] for m in SPEED_MODES} - {"none"}}
+    runners = {name: engine.with_compressor(comp) for name, comp in comps.items()}  # (binds them)
+    runners["none"] = engine
     t0 = time.perf_counter()
-    with engine.adapter.attached():
+    with engine.adapter.attached():  # one prefill observed by every mode (zipvl needs its window's queries)
         base = engine.new_cache()
-        logits = engine.prefill(base, segments.context)
+        logits = engine.prefill(base, segments.context, observers=tuple(comps.values()))
     print(f"speed: prefilled {segments.total} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
     best: dict[str, dict] = {}
     config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
     for _ in range(repeats):
         for mode in SPEED_MODES:  # interleaved, so drift hits every configuration alike
             name = mode.split()[0]
-            runner = engine.with_compressor(slimkv.make_compressor(name) if name != "none" else None)
+            runner = runners[name]
             cache = base.clone()
             with engine.adapter.attached():
                 if name != "none":
