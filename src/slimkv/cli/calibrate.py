@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                                    "kivi: measure each layer's sensitivity to 2-bit keys (copying a random "
                                    "span from Bible text) to pick kivi2's wide-key layers. "
                                    "The result is cached under the user cache directory (keyed by the model's "
-                                   "fingerprint, with a checksum); both methods do this by themselves on "
+                                   "fingerprint, and checked when loaded); every method does this by itself on "
                                    "first use with the defaults.")
     p.add_argument("method", choices=METHODS, help="the method to calibrate")
     add_model_options(p)
