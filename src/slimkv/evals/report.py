@@ -145,23 +145,25 @@ _MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def _score_plot(plt, cs: list[Cell], path: Path, title: str) -> Path:
-    """One line per eviction method (score against ratio), one star per quantizer (at the share of
-    bytes it removes), the full cache as a dashed line; the legend lists methods best first, each
+    """One line per eviction method (score against ratio), stars for quantizing methods (at the share
+    of bytes they remove: one per ratio when composed with eviction), the full cache as a dashed line; the legend lists methods best first, each
     with its mean score as a share of the full cache's."""
     full = [c.score for c in cs if c.method == "none"]
     full_mean = mean(full) if full else 0.0
     series = []
     for m in sorted({c.method for c in cs if c.method != "none" and c.budget is None}):
         mine = [c for c in cs if c.method == m and c.budget is None]
-        quantizer = all(c.ratio is None for c in mine)
-        if quantizer:  # one point: the mean share of bytes removed, the mean score over lengths
-            xs, ys = [1.0 - mean(c.kept_fraction for c in mine)], [mean(c.score for c in mine)]
+        # quantizing (a quantizer, or eviction composed with one): far fewer bytes than its ratio keeps
+        quantizer = all(c.ratio is None or c.kept_fraction < 0.6 * (1.0 - c.ratio) for c in mine)
+        pts: dict[float | None, list[Cell]] = defaultdict(list)
+        for c in mine:
+            pts[c.ratio].append(c)
+        order = sorted(pts, key=lambda r: -1.0 if r is None else r)
+        if quantizer:  # at the mean share of bytes removed, per ratio (one point for a plain quantizer)
+            xs = [1.0 - mean(c.kept_fraction for c in pts[r]) for r in order]
         else:
-            pts: dict[float, list[float]] = defaultdict(list)
-            for c in mine:
-                pts[c.ratio].append(c.score)
-            xs = sorted(pts)
-            ys = [mean(pts[x]) for x in xs]
+            xs = list(order)
+        ys = [mean(c.score for c in pts[r]) for r in order]
         series.append((mean(ys), m, quantizer, xs, ys))
     series.sort(key=lambda t: (-t[0], t[1]))
     cmap = plt.get_cmap("tab20")
@@ -169,14 +171,15 @@ def _score_plot(plt, cs: list[Cell], path: Path, title: str) -> Path:
     for i, (avg, m, quantizer, xs, ys) in enumerate(series):
         share = f"{avg / full_mean:.0%}" if full_mean else f"{avg:.2f}"
         if quantizer:
-            ax.plot(xs, ys, linestyle="none", marker="*", markersize=13, color=cmap(i % 20),
-                    markeredgecolor="black", markeredgewidth=0.5, label=f"{m} [quantized] ({share})")
+            ax.plot(xs, ys, linestyle=":" if len(xs) > 1 else "none", marker="*", markersize=13,
+                    color=cmap(i % 20), markeredgecolor="black", markeredgewidth=0.5,
+                    label=f"{m} [quantized] ({share})")
         else:
             ax.plot(xs, ys, linestyle=_STYLES[(i // 20) % 4 if i >= 20 else i % 2],
                     marker=_MARKERS[i % len(_MARKERS)], color=cmap(i % 20), label=f"{m} ({share})")
     if full:
         ax.axhline(full_mean, color="black", linestyle="--", linewidth=1.5, label="full cache")
-    ax.set(xlabel="share of the KV cache removed (eviction: the ratio; quantizers: bytes)",
+    ax.set(xlabel="share of the KV cache removed (eviction: the ratio; quantizing methods: bytes)",
            ylabel="score (mean over lengths)", title=f"{title} (legend: best first, % of the full cache)",
            ylim=(-0.02, max([1.02, *(y + 0.05 for *_, ys in series for y in ys)])), xlim=(0.45, 1.0))
     ax.grid(alpha=0.3)
