@@ -21,8 +21,9 @@ mass) exactly, in a small dense layer; ``rotate`` stores the quantized part in a
 (``cache/rotation.py``): codes of ``K R`` and ``V R``, so reads rotate the query and un-rotate the
 output instead of ever un-rotating the cache.
 
-Eviction does not act on quantized entries (``keep`` and ``replace`` refuse): evict first, then
-quantize what is kept (``compressors/compose.py``).
+What it shares with CommVQ's layer (growing through the residual, rollback, refusing eviction) is in
+``cache/coded.py``. Eviction does not act on quantized entries (``keep`` and ``replace`` refuse):
+evict first, then quantize what is kept (``compressors/compose.py``).
 
 Layout (``Q`` quantized entries per row, ``NG`` key groups, ``PK = head_dim * key_bits // 8``,
 ``PV = head_dim * bits // 8``)::
@@ -52,14 +53,12 @@ from torch import Tensor
 
 from . import kernels
 from .attention import attend_rows
+from .coded import ROLLBACK_SLACK, CodedLayer, compact_positions, dense_slice, join_positions
 from .layer import KVLayer
 from .packing import PARAM_DTYPE, check_bits, pack, quantize, unpack
 from .rotation import rotate, unrotate
 
-INT16_MAX = 32767
-#: newest entries never quantized by a later append, so that a speculative rollback (``truncate``, at
-#: most this many entries deep) only ever drops full-precision entries
-ROLLBACK_SLACK = 16
+__all__ = ["ROLLBACK_SLACK", "QuantSpec", "QuantizedLayer"]
 
 
 @dataclass(frozen=True)
@@ -105,23 +104,15 @@ class QuantSpec:
         return g if head_dim % g == 0 else head_dim
 
 
-class QuantizedLayer:
+class QuantizedLayer(CodedLayer):
     """KIVI-style quantized storage of one attention layer (see the module docstring)."""
 
-    quantized = True
-
     def __init__(self, spec: QuantSpec, residual: KVLayer, dtype: torch.dtype) -> None:
+        super().__init__(residual, dtype)
         self.spec = spec
-        self.residual = residual
-        self.dtype = dtype
-        self.scale = residual.scale
         self.k_pad = 0
         self.k_codes = self.v_codes = self.k_scale = self.k_zero = self.v_scale = self.v_zero = None
-        self.positions_q: Tensor | None = None
         self.sinks: KVLayer | None = None
-        self.lengths: Tensor | None = None
-        self.slot_state: dict[str, Tensor] = {}
-        self.extra: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -145,10 +136,10 @@ class QuantizedLayer:
         residual = KVLayer()
         residual.scale = layer.scale
         if sinks + quantized < n:
-            residual = _dense(keys, values, positions, sinks + quantized, n, layer.scale)
+            residual = dense_slice(keys, values, positions, sinks + quantized, n, layer.scale)
         out = cls(spec, residual, keys.dtype)
         if sinks:
-            out.sinks = _dense(keys, values, positions, 0, sinks, layer.scale)
+            out.sinks = dense_slice(keys, values, positions, 0, sinks, layer.scale)
         out.k_pad = -quantized % spec.group
         body = slice(sinks, sinks + quantized)
         out._set_quantized(keys[:, :, body], values[:, :, body], positions[:, :, body], out.k_pad)
@@ -160,7 +151,7 @@ class QuantizedLayer:
             keys, values = rotate(keys.float()), rotate(values.float())
         self.k_codes, self.k_scale, self.k_zero = _quantize_keys(keys, self.spec, pad)
         self.v_codes, self.v_scale, self.v_zero = _quantize_values(values, self.spec)
-        self.positions_q = _compact_positions(positions)
+        self.positions_q = compact_positions(positions)
 
     def _flush(self) -> None:
         """Quantize the residual's oldest complete groups (keeping at least ``spec.residual`` entries)."""
@@ -180,16 +171,12 @@ class QuantizedLayer:
             (self.k_codes, self.k_scale, self.k_zero), k))
         self.v_codes, self.v_scale, self.v_zero = (torch.cat([a, b], dim=2) for a, b in zip(
             (self.v_codes, self.v_scale, self.v_zero), v))
-        self.positions_q = _join_positions(self.positions_q, positions[:, :, :take])
+        self.positions_q = join_positions(self.positions_q, positions[:, :, :take])
         rest = res.max_length - take
         idx = torch.arange(take, res.max_length, device=keys.device).expand(*keys.shape[:2], rest)
         res.keep(idx)
 
     # ------------------------------------------------------------------ shape and size
-    @property
-    def initialized(self) -> bool:
-        return True
-
     @property
     def quantized_length(self) -> int:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
@@ -199,19 +186,8 @@ class QuantizedLayer:
         return 0 if self.sinks is None else self.sinks.max_length
 
     @property
-    def max_length(self) -> int:
-        return self.sink_length + self.quantized_length + self.residual.max_length
-
-    @property
-    def capacity(self) -> int:
-        return self.sink_length + self.quantized_length + self.residual.capacity
-
-    @property
-    def uniform(self) -> bool:
-        return True
-
-    def entries(self) -> int:
-        return 0 if self.lengths is None else int(self.lengths.sum())
+    def prefix_length(self) -> int:
+        return self.sink_length
 
     def nbytes(self) -> int:
         """Every byte held: packed codes, scales, zero points, positions, lengths, residual, state."""
@@ -244,10 +220,6 @@ class QuantizedLayer:
             keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
         return keys, values, self.positions()
 
-    def valid_mask(self) -> Tensor:
-        assert self.lengths is not None
-        return torch.ones(*self.lengths.shape, self.max_length, dtype=torch.bool, device=self.lengths.device)
-
     def dequantize(self) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, H, Q, D]`` of the quantized entries, in the model dtype."""
         assert self.k_codes is not None and self.v_codes is not None
@@ -263,45 +235,6 @@ class QuantizedLayer:
         if spec.rotate:
             keys, values = unrotate(keys), unrotate(values)
         return keys.to(self.dtype), values.to(self.dtype)
-
-    # ------------------------------------------------------------------ writing
-    def reserve(self, capacity: int) -> None:
-        self.residual.reserve(max(0, capacity - self.quantized_length))
-
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
-               cap: int | None = None) -> None:
-        """New entries go to the residual (after complete groups of older ones are quantized).
-
-        keys, values: [batch, kv_heads, tokens, head_dim]; positions: [batch, tokens]
-        The residual always grows to exactly the room it needs (``exact`` is implied).
-        """
-        self._flush()
-        self.residual.append(keys, values, positions, exact=True)
-        assert self.lengths is not None
-        self.lengths += keys.shape[2]
-
-    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
-                cap: int | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries one at a time; evict before quantizing")
-
-    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
-
-    def truncate(self, lengths: Tensor) -> None:
-        """Forget entries appended since rows held ``lengths`` (speculative rollback, see KVLayer).
-
-        Only full-precision entries can be dropped: appends keep the newest ``ROLLBACK_SLACK``
-        entries unquantized, so rollbacks up to that depth always succeed.
-        """
-        assert self.lengths is not None
-        quantized = self.sink_length + self.quantized_length
-        if bool((lengths < quantized).any()):
-            raise ValueError(f"cannot roll back into quantized entries (rollback deeper than {ROLLBACK_SLACK})")
-        self.residual.truncate(lengths.to(self.lengths.device, torch.int64) - quantized)
-        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
-
-    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
-        raise RuntimeError("a quantized layer keeps no per-entry compressor state")
 
     # ------------------------------------------------------------------ reading
     def attend(
@@ -366,21 +299,11 @@ class QuantizedLayer:
             setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
         heads = first.k_codes.shape[1]
         pos = [layer.positions_q.to(torch.int32).expand(-1, heads, -1) for layer in layers]
-        out.positions_q = _compact_positions(torch.cat(pos, dim=0))
+        out.positions_q = compact_positions(torch.cat(pos, dim=0))
         return out
 
 
 # ---------------------------------------------------------------------- helpers
-def _dense(keys: Tensor, values: Tensor, positions: Tensor, start: int, stop: int, scale: float) -> KVLayer:
-    """A dense layer, grown exactly, of entries ``[start, stop)`` of ``[B, H, L, D]`` keys and values."""
-    out = KVLayer()
-    out.scale = scale
-    out.append(keys[:, :, start:stop], values[:, :, start:stop], positions[:, 0, start:stop], exact=True)
-    assert out.positions is not None
-    out.positions.copy_(positions[:, :, start:stop])
-    return out
-
-
 def _quantize_keys(keys: Tensor, spec: QuantSpec, pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel quantization of keys ``[B, H, n, D]`` over groups of ``spec.group`` entries.
 
@@ -409,18 +332,3 @@ def _quantize_values(values: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, T
     vg = spec.value_group(dim)
     q = quantize(values.reshape(batch, heads, n, dim // vg, vg), spec.bits)
     return pack(q.codes.reshape(batch, heads, n, dim), spec.bits), q.scale[..., 0], q.zero[..., 0]
-
-
-def _compact_positions(positions: Tensor) -> Tensor:
-    """``[B, H, n]`` positions in the narrowest form: one row if all heads agree, int16 when they fit."""
-    if positions.shape[1] > 1 and bool((positions == positions[:, :1]).all()):
-        positions = positions[:, :1]
-    small = positions.numel() == 0 or int(positions.max()) <= INT16_MAX
-    return positions.to(torch.int16 if small else torch.int32).contiguous()
-
-
-def _join_positions(old: Tensor, new: Tensor) -> Tensor:
-    heads = max(old.shape[1], new.shape[1])
-    both = torch.cat([old.to(torch.int32).expand(-1, heads, -1), new.to(torch.int32)], dim=2)
-    return _compact_positions(both)
-

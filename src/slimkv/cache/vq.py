@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from .attention import attend_rows
+from .coded import ROLLBACK_SLACK, CodedLayer, compact_positions, dense_slice, join_positions
 from .layer import KVLayer
-from .quantized import ROLLBACK_SLACK, _compact_positions, _join_positions
 from .vq_codes import HALF, decode, decode_unit, encode, rope, rotate_half, unpack_codes
 
 
@@ -71,21 +71,13 @@ def _from_head(x: Tensor, batch: int) -> Tensor:
     return x.reshape(h, batch, bn // batch, *x.shape[2:]).transpose(0, 1)
 
 
-class VQLayer:
+class VQLayer(CodedLayer):
     """CommVQ storage of one attention layer (see the module docstring)."""
 
-    quantized = True
-
     def __init__(self, books: VQBooks, residual: KVLayer, dtype: torch.dtype) -> None:
+        super().__init__(residual, dtype)
         self.books = books
-        self.residual = residual
-        self.dtype = dtype
-        self.scale = residual.scale
         self.k_codes = self.v_codes = self.k_norm = self.v_norm = None
-        self.positions_q: Tensor | None = None
-        self.lengths: Tensor | None = None
-        self.slot_state: dict[str, Tensor] = {}
-        self.extra: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ conversion
     @classmethod
@@ -102,13 +94,11 @@ class VQLayer:
         residual = KVLayer()
         residual.scale = layer.scale
         if coded < n:
-            residual.append(keys[:, :, coded:], values[:, :, coded:], positions[:, 0, coded:], exact=True)
-            assert residual.positions is not None
-            residual.positions.copy_(positions[:, :, coded:])
+            residual = dense_slice(keys, values, positions, coded, n, layer.scale)
         out = cls(books, residual, keys.dtype)
         out.k_codes, out.k_norm, out.v_codes, out.v_norm = out._encode(
             keys[:, :, :coded], values[:, :, :coded], positions[:, :, :coded])
-        out.positions_q = _compact_positions(positions[:, :, :coded])
+        out.positions_q = compact_positions(positions[:, :, :coded])
         out.lengths = layer.lengths.clone()  # type: ignore[union-attr]
         return out
 
@@ -132,33 +122,14 @@ class VQLayer:
         k, kn, v, vn = self._encode(keys[:, :, :take], values[:, :, :take], positions[:, :, :take])
         self.k_codes, self.k_norm = torch.cat([self.k_codes, k], 2), torch.cat([self.k_norm, kn], 2)
         self.v_codes, self.v_norm = torch.cat([self.v_codes, v], 2), torch.cat([self.v_norm, vn], 2)
-        self.positions_q = _join_positions(self.positions_q, positions[:, :, :take])
+        self.positions_q = join_positions(self.positions_q, positions[:, :, :take])
         rest = res.max_length - take
         res.keep(torch.arange(take, res.max_length, device=keys.device).expand(*keys.shape[:2], rest))
 
     # ------------------------------------------------------------------ shape and size
     @property
-    def initialized(self) -> bool:
-        return True
-
-    @property
     def quantized_length(self) -> int:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
-
-    @property
-    def max_length(self) -> int:
-        return self.quantized_length + self.residual.max_length
-
-    @property
-    def capacity(self) -> int:
-        return self.quantized_length + self.residual.capacity
-
-    @property
-    def uniform(self) -> bool:
-        return True
-
-    def entries(self) -> int:
-        return 0 if self.lengths is None else int(self.lengths.sum())
 
     def nbytes(self) -> int:
         """Every byte held: codes, norms, positions, lengths, residual (the shared codebooks are not)."""
@@ -191,40 +162,6 @@ class VQLayer:
             rk, rv, _ = self.residual.view()
             keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
         return keys, values, self.positions()
-
-    def valid_mask(self) -> Tensor:
-        assert self.lengths is not None
-        return torch.ones(*self.lengths.shape, self.max_length, dtype=torch.bool, device=self.lengths.device)
-
-    # ------------------------------------------------------------------ writing
-    def reserve(self, capacity: int) -> None:
-        self.residual.reserve(max(0, capacity - self.quantized_length))
-
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
-               cap: int | None = None) -> None:
-        """keys, values: [batch, kv_heads, tokens, head_dim]; positions: [batch, tokens]."""
-        self._flush()
-        self.residual.append(keys, values, positions, exact=True)
-        assert self.lengths is not None
-        self.lengths += keys.shape[2]
-
-    def replace(self, slots, full, keys, values, positions, cap=None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries one at a time; evict before quantizing")
-
-    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
-
-    def truncate(self, lengths: Tensor) -> None:
-        """Forget entries appended since rows held ``lengths`` (only full-precision ones; see KVLayer)."""
-        assert self.lengths is not None
-        coded = self.quantized_length
-        if bool((lengths < coded).any()):
-            raise ValueError(f"cannot roll back into coded entries (rollback deeper than {ROLLBACK_SLACK})")
-        self.residual.truncate(lengths.to(self.lengths.device, torch.int64) - coded)
-        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
-
-    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
-        raise RuntimeError("a quantized layer keeps no per-entry compressor state")
 
     # ------------------------------------------------------------------ reading
     def attend(self, query: Tensor, query_positions: Tensor, scale: float, new_tokens: int,
@@ -308,7 +245,7 @@ class VQLayer:
         for name in ("k_codes", "v_codes", "k_norm", "v_norm", "lengths"):
             setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
         heads = first.k_codes.shape[1]
-        out.positions_q = _compact_positions(torch.cat(
+        out.positions_q = compact_positions(torch.cat(
             [layer.positions_q.to(torch.int32).expand(-1, heads, -1) for layer in layers], dim=0))
         return out
 

@@ -26,8 +26,10 @@ from ...cache import KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from .snapkv import window_attention
 
-QUERIES, QUERY_POSITIONS = "alisa_q", "alisa_pos"
+STATE = "alisa"  # layer.extra prefix, read back by snapkv.window_attention
+QUERIES, QUERY_POSITIONS = f"{STATE}_q", f"{STATE}_pos"
 
 
 @register
@@ -68,16 +70,8 @@ class ALISACompressor(Compressor):
     def recent_attention(self, layer: KVLayer) -> Tensor:
         """Attention the latest queries paid to every slot, summed over them and their group: [B, H, L]."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        q, qpos = layer.extra[QUERIES], layer.extra[QUERY_POSITIONS]  # [B, Hq, w, D], [B, w]
-        batch, heads, length, dim = keys.shape
-        groups, w = q.shape[1] // heads, q.shape[2]
-        logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
-        logits = logits.float().view(batch, heads, groups, w, length) * layer.scale
-        visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
-        if not layer.uniform:
-            visible = visible & layer.valid_mask()[:, :, None, None, :]
-        probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-        return probs.sum(dim=(2, 3))
+        probs, _ = window_attention(layer, keys, positions, state=STATE)  # [B, H, G, w, L]
+        return probs.nan_to_num(0.0).sum(dim=(2, 3))
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()  # [B, H, L]

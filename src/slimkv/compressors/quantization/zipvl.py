@@ -26,7 +26,7 @@ from ...cache.mixed import MixedLayer
 from ...cache.packing import BITS
 from ...errors import ConfigError
 from ..base import ScoreContext
-from ..eviction.snapkv import SnapKVCompressor
+from ..eviction.snapkv import SnapKVCompressor, window_attention
 from ..registry import register
 from .base import Quantizer
 
@@ -99,16 +99,9 @@ class ZipVL(Quantizer):
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
         """Attention mass ``[B, H, L]`` of the window queries on every entry (mean over queries and group heads)."""
-        if "snapkv_q" not in layer.extra:
-            raise RuntimeError("zipvl needs the observation window's queries; no prefill was observed")
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        q, qpos = layer.extra["snapkv_q"], layer.extra["snapkv_pos"]  # [B, Hq, w, D], [B, w]
-        batch, heads, length, dim = keys.shape
-        w = q.shape[2]
-        logits = q.reshape(batch, heads, -1, dim) @ keys.transpose(-1, -2) * layer.scale  # [B, H, g * w, L]
-        logits = logits.float().view(batch, heads, -1, w, length)
-        visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
-        return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).mean(dim=(2, 3))
+        probs, _ = window_attention(layer, keys, positions, self._votes.state)  # [B, H, G, w, L]
+        return probs.mean(dim=(2, 3))
 
     def compress(self, layer, ctx: ScoreContext):
         """The :class:`MixedLayer` replacing ``layer``: important entries at ``high_bits``, the rest low."""
