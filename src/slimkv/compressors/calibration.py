@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,24 @@ def centres_path(fingerprint: str) -> Path:
     return calibration_dir() / f"triattention-{fingerprint}.pt"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> str:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename
+    (concurrent readers never see half a file); returns its SHA-256. Shared by every calibration cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        digest = sha256(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest
 
 
 def unrotate(query: Tensor, positions: Tensor, inv_freq: Tensor, scaling: float) -> Tensor:
@@ -141,18 +158,11 @@ def measure(engine, tokens: int = DEFAULT_TOKENS, text: str = DEFAULT_TEXT) -> Q
 def save_centres(centres: QueryCentres) -> Path:
     """Write centres and their manifest atomically; returns the tensor file's path."""
     path = centres_path(centres.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"mean_real": centres.mean.real.contiguous(), "mean_imag": centres.mean.imag.contiguous(),
-                    "abs_mean": centres.abs_mean}, tmp)
-        manifest = {"format": FORMAT, "model": centres.model, "text": centres.text, "tokens": centres.tokens,
-                    "sha256": _sha256(Path(tmp))}
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {"mean_real": centres.mean.real.contiguous(), "mean_imag": centres.mean.imag.contiguous(),
+               "abs_mean": centres.abs_mean}
+    digest = write_atomically(path, lambda tmp: torch.save(tensors, tmp))
+    manifest = {"format": FORMAT, "model": centres.model, "text": centres.text, "tokens": centres.tokens,
+                "sha256": digest}
     path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
     return path
 
@@ -166,7 +176,7 @@ def load_centres(fingerprint: str, layers: int, q_heads: int, half: int) -> Quer
         return None
     if manifest.get("format") != FORMAT or manifest.get("model") != fingerprint:
         return None
-    if not path.is_file() or _sha256(path) != manifest.get("sha256"):
+    if not path.is_file() or sha256(path) != manifest.get("sha256"):
         log.warning("cached query centres %s fail their checksum; measuring them again", path)
         return None
     data = torch.load(path, weights_only=True)

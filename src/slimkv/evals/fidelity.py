@@ -99,7 +99,7 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
         cache = engine.new_cache()
         logp = engine.prefill(cache, tokens[:prefix])[0].float().log_softmax(-1)
         if comp is not None and comp.quantizes and not comp.active("decode"):
-            ForwardContext(cache, torch.empty(1, 0), comp, phase="prefill").compress()
+            engine.with_compressor(comp).compress(cache, "prefill")
         for t in tokens[prefix:]:
             nll -= float(logp[t])
             logp = _step(engine, cache, t, comp)

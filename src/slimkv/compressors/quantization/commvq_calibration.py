@@ -16,10 +16,7 @@ without codebooks runs the same fit automatically (with a log message).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from torch import Tensor
 from ...cache.vq_codes import fit_codebooks, rope
 from ...errors import ConfigError, InputError
 from ...models.embedded import cache_root
+from ..calibration import sha256, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +69,12 @@ def codebook_path(fingerprint: str, calib: Calibration, directory: Path | None =
     return (directory or codebook_dir()) / f"{fingerprint}-{calib.key()}.pt"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load(path: Path) -> dict[str, Tensor] | None:
     """The codebooks stored at ``path``, or None when missing, incomplete or failing the checksum."""
     sidecar = path.with_suffix(".sha256")
     if not path.is_file() or not sidecar.is_file():
         return None
-    if sidecar.read_text().strip() != _sha256(path):
+    if sidecar.read_text().strip() != sha256(path):
         log.warning("CommVQ codebooks %s fail their checksum; refitting them", path)
         return None
     try:
@@ -92,18 +86,9 @@ def load(path: Path) -> dict[str, Tensor] | None:
 
 
 def save(path: Path, books: dict[str, Tensor]) -> None:
-    """Write atomically: a temporary file and its checksum, then renames."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(books, tmp)
-        digest = _sha256(Path(tmp))
-        os.replace(tmp, path)
-        path.with_suffix(".sha256").write_text(digest + "\n")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write atomically (``calibration.write_atomically``), then the checksum beside it."""
+    digest = write_atomically(path, lambda tmp: torch.save(books, tmp))
+    path.with_suffix(".sha256").write_text(digest + "\n")
 
 
 def calibration_ids(tokenizer, tokens: int) -> list[int]:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,12 +142,11 @@ def measure(engine, spec: QuantSpec, text: str = DEFAULT_TEXT, probes: int = DEF
 
 def save(result: Sensitivity, spec: QuantSpec) -> Path:
     """Write the measurement atomically; returns its path."""
+    from ..calibration import write_atomically
+
     path = sensitivity_path(result.model, spec)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": FORMAT, **result.__dict__}, f, indent=1)
-    os.replace(tmp, path)
+    text = json.dumps({"format": FORMAT, **result.__dict__}, indent=1)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
