@@ -109,8 +109,7 @@ def _answer_nll(engine, comp, sample, tokenizer) -> float:
         cache = engine.new_cache()
         engine.prefill(cache, context)
         if comp is not None:
-            comp.bind(engine)
-            ForwardContext(cache, torch.empty(1, 0), comp, phase="prefill").compress()
+            engine.with_compressor(comp).compress(cache, "prefill")
         ids = rest + answer
         positions = torch.arange(len(context), len(context) + len(ids))[None]
         logits = engine.adapter.forward(torch.tensor([ids]), positions,
