@@ -105,6 +105,41 @@ class ProbeKeyDiff(KeyDiffCompressor):
         return score
 
 
+@register
+@dataclass
+class LocalKeyDiff(KeyDiffCompressor):
+    """Diagnostic: keydiff whose centres are fitted per chunk of ``chunk`` consecutive slots (local typicality)."""
+
+    chunk: int = 1024
+
+    name = "probe_local"
+
+    def score(self, layer, ctx):
+        import torch.nn.functional as F
+
+        from slimkv.compressors.eviction.keydiff import _head_mean, nearest_centre
+
+        keys, _, positions = layer.view()  # [B, H, L, D]
+        b, h, n, d = keys.shape
+        unit = F.normalize(keys.float(), dim=-1)
+        order = positions.argsort(dim=-1)
+        unit = unit.gather(2, order[..., None].expand(-1, -1, -1, d))
+        parts = -(-n // self.chunk)
+        pad = parts * self.chunk - n
+        valid = torch.ones(b, h, n, dtype=torch.bool)
+        if pad:
+            unit = F.pad(unit, (0, 0, 0, pad))
+            valid = F.pad(valid, (0, pad))
+        # the last chunk may be short: merge it into the previous one when under half a chunk
+        sim = nearest_centre(unit.view(b, h * parts, self.chunk, d), valid.view(b, h * parts, self.chunk),
+                             int(self.anchors)).view(b, h, parts * self.chunk)[..., :n]
+        raw = torch.empty_like(sim).scatter_(-1, order, -sim)
+        if self.heads == "mean":
+            raw = _head_mean(raw, positions, layer)
+        recent = positions >= (ctx.seen.to(positions.device) - self.window)[:, None, None]
+        return raw.masked_fill(recent | (positions < self.sinks), float("inf"))
+
+
 @dataclass(frozen=True)
 class ProbeSpec(MethodSpec):
     """A method with extra parameters (``params``: sorted (name, value) pairs)."""

@@ -1,6 +1,7 @@
 """Prefill overhead of every eviction method against the full cache, measured in one run.
 
-For each registered eviction method (at ``--ratio``) and the full cache (``none``), the time to turn a
+For each registered eviction and merging method (at ``--ratio``; a method may carry parameters,
+``h2o:query_stride=1``) and the full cache (``none``), the time to turn a
 prompt into a ready cache - prefill with the method observing, then its compression - is measured
 ``--rounds`` times. Rounds are interleaved (every configuration once per round, in an order rotated
 each round), so drift in the machine's load hits every configuration alike; the median per
@@ -49,24 +50,37 @@ def measure(engine: Engine, ids: list[int]) -> tuple[float, float]:
     return t2 - t0, t2 - t1
 
 
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4000, help="prompt tokens (default 4000)")
     parser.add_argument("--ratio", type=float, default=0.75, help="fraction of KV removed (default 0.75)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every eviction method)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods, each `name` or `name:param=value:...` "
+                             "(default: every eviction and merging method)")
     parser.add_argument("--haystack", default="bible", help="prompt text (default bible)")
     parser.add_argument("--out", default=str(RESULTS / "prefill_overhead"))
     args = parser.parse_args()
     names = args.methods.split(",") if args.methods else [
-        n for n in compressors.names() if compressors.method_info(n).kind == "eviction" and n != "none"]
+        n for n in compressors.names() if compressors.method_info(n).kind in ("eviction", "merging") and n != "none"]
     load_before = os.getloadavg()[0]
     model, tokenizer = slimkv.load_model()
     sample = make_samples("needle", tokenizer, args.length, 1, haystack=args.haystack)[0]
     ids = tokenizer.encode(sample.context + sample.question)
     configs = {"none": Engine(model, tokenizer)}
     for name in names:
-        configs[name] = Engine(model, tokenizer, compressors.make_compressor(name, ratio=args.ratio))
+        method, *params = name.split(":")
+        configs[name] = Engine(model, tokenizer, compressors.make_compressor(
+            method, ratio=args.ratio, **{k: _number(v) for k, v in (p.split("=") for p in params)}))
     measure(configs["none"], ids)  # warm-up: allocator, kernels, lazy imports
     times: dict[str, list[float]] = {n: [] for n in configs}
     compress: dict[str, list[float]] = {n: [] for n in configs}

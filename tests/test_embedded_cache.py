@@ -9,7 +9,7 @@ from slimkv.models import embedded
 
 def test_verify_detects_corruption(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"weights" * 100)
-    files = {"model.safetensors": embedded._sha256(tmp_path / "model.safetensors")}
+    files = {"model.safetensors": embedded.sha256(tmp_path / "model.safetensors")}
     (tmp_path / embedded.MANIFEST).write_text(json.dumps({"format": embedded.FORMAT, "files": files}))
     assert embedded.verify(tmp_path)
     with (tmp_path / "model.safetensors").open("r+b") as f:

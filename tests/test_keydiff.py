@@ -93,3 +93,14 @@ def test_several_anchors_see_a_second_cluster_as_typical():
         make_compressor("keydiff", ratio=0.9, sinks=0, window=0, anchors=anchors).compress(layer, _ctx(1, 40))
         kept[anchors] = int(layer.view()[2][0, 0, 0])
     assert 25 <= kept[1] < 39 and kept[2] == 39
+
+
+def test_longer_rows_get_more_centres():
+    from slimkv.errors import ConfigError
+
+    comp = make_compressor("keydiff", ratio=0.5)  # 4 centres, one more per 512 entries beyond 2,048
+    assert [comp.centres(n) for n in (100, 2048, 2049, 4000, 8192)] == [4, 4, 5, 8, 16]
+    assert make_compressor("keydiff", ratio=0.5, keys_per_anchor=0).centres(8192) == 4
+    assert make_compressor("keydiff", ratio=0.5, anchors=1).centres(8192) == 1  # the paper's mean direction
+    with pytest.raises(ConfigError, match="keys_per_anchor"):
+        make_compressor("keydiff", ratio=0.5, keys_per_anchor=-1)

@@ -317,9 +317,10 @@ def test_fused_kernel_matches_dequantized_attention(bits, key_bits):
     torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-5)
 
 
-def test_minikv_gives_lower_layers_more_entries_at_the_same_total(llama):
-    uniform = Engine(llama, ToyTokenizer(), make_compressor("snapkv", ratio=0.5))
-    pyramid = Engine(llama, ToyTokenizer(), make_compressor("minikv", ratio=0.5, beta=2, group=16))
+@pytest.mark.parametrize("scorer", ["keydiff", "snapkv"])
+def test_minikv_gives_lower_layers_more_entries_at_the_same_total(llama, scorer):
+    uniform = Engine(llama, ToyTokenizer(), make_compressor(scorer, ratio=0.5))
+    pyramid = Engine(llama, ToyTokenizer(), make_compressor("minikv", ratio=0.5, beta=2, group=16, scorer=scorer))
     ids = prompt_ids(80, seed=8)
     with uniform.adapter.attached():
         ref, _ = uniform.prepare(Segments(ids, []))
@@ -328,10 +329,12 @@ def test_minikv_gives_lower_layers_more_entries_at_the_same_total(llama):
     assert [layer.max_length for layer in ref.layers] == [40, 40]
     assert kept == [60, 20] and sum(kept) == 80  # 1.5x and 0.5x the average, same total
     assert all(isinstance(layer, QuantizedLayer) and layer.spec.bits == 2 for layer in cache.layers)
-    # the first layer keeps a superset of what uniform SnapKV keeps (same scores, larger budget)
+    # the first layer keeps a superset of what the uniform scorer keeps (same scores, larger budget)
     assert set(ref.layers[0].view()[2][0, 0].tolist()) <= set(cache.layers[0].positions()[0, 0].tolist())
     with pytest.raises(ConfigError, match="beta"):
         make_compressor("minikv", ratio=0.5, beta=0.5)
+    with pytest.raises(ConfigError, match="scorer must be one of keydiff, snapkv"):
+        make_compressor("minikv", ratio=0.5, scorer="h2o")
 
 
 def test_loading_the_kernel_keeps_denormals():

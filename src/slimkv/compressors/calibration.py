@@ -18,7 +18,6 @@ TriAttention (``eviction/triattention.py``) predicts future attention from where
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..models.embedded import cache_root
+from ..models.embedded import cache_root, sha256
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +65,6 @@ def calibration_dir() -> Path:
 
 def centres_path(fingerprint: str) -> Path:
     return calibration_dir() / f"triattention-{fingerprint}.pt"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def write_atomically(path: Path, write: Callable[[str], None]) -> str:

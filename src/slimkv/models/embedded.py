@@ -52,7 +52,8 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (model files and calibration caches)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -71,7 +72,7 @@ def verify(folder: Path) -> bool:
         return False
     for name, digest in data["files"].items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256(path) != digest:
             log.warning("cached model file %s fails its checksum; rebuilding the conversion", path)
             return False
     return True
@@ -107,7 +108,7 @@ def convert(folder: Path) -> None:
         model.generation_config.eos_token_id = gguf_model.generation_config.eos_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "source": WHEEL, "files": files}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)

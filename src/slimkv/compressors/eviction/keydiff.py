@@ -52,12 +52,15 @@ class KeyDiffCompressor(Compressor):
            same tokens); "each" - every KV head scores its own keys (the paper)
     anchors: reference directions per KV head (spherical k-means centres of the unit keys); an entry
              scores minus its cosine to the nearest one. 1 = the paper's mean direction
+    keys_per_anchor: a row of L entries gets max(anchors, ceil(L / keys_per_anchor)) centres
+             (0: always ``anchors``; ``anchors=1`` is always the paper's one mean direction)
     """
 
     sinks: int = 4
     window: int = 8
     heads: str = "mean"
     anchors: int = 4
+    keys_per_anchor: int = 512
 
     name = "keydiff"
     paper = ("Park et al., KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference "
@@ -70,6 +73,9 @@ class KeyDiffCompressor(Compressor):
             raise ConfigError(f"keydiff sinks and window must be >= 0, got {self.sinks} and {self.window}")
         if isinstance(self.anchors, bool) or int(self.anchors) != self.anchors or self.anchors < 1:
             raise ConfigError(f"keydiff anchors must be a whole number >= 1, got {self.anchors}")
+        if (isinstance(self.keys_per_anchor, bool) or int(self.keys_per_anchor) != self.keys_per_anchor
+                or self.keys_per_anchor < 0):
+            raise ConfigError(f"keydiff keys_per_anchor must be a whole number >= 0, got {self.keys_per_anchor}")
         if self.heads not in HEADS:
             raise ConfigError(f"keydiff heads must be one of {', '.join(HEADS)}, got {self.heads!r}")
 
@@ -78,11 +84,17 @@ class KeyDiffCompressor(Compressor):
         unit = F.normalize(keys.float(), dim=-1)
         # free slots hold stale data: they take no part in the centres
         valid = None if layer.uniform else layer.valid_mask()
-        score = -nearest_centre(unit, valid, int(self.anchors))  # [B, H, L]
+        score = -nearest_centre(unit, valid, self.centres(unit.shape[2]))  # [B, H, L]
         if self.heads == "mean":
             score = _head_mean(score, positions, layer)
         recent = positions >= (ctx.seen.to(positions.device) - self.window)[:, None, None]
         return score.masked_fill(recent | (positions < self.sinks), float("inf"))
+
+    def centres(self, length: int) -> int:
+        """Reference directions for a row of ``length`` slots."""
+        if self.anchors == 1 or not self.keys_per_anchor:
+            return int(self.anchors)
+        return max(int(self.anchors), -(-length // int(self.keys_per_anchor)))
 
 
 def _head_mean(score: Tensor, positions: Tensor, layer: KVLayer) -> Tensor:

@@ -88,6 +88,16 @@ def window_attention(layer: KVLayer, keys: Tensor, positions: Tensor,
     if f"{state}_q" not in layer.extra:
         raise RuntimeError("window scores need the observation window; no prefill was observed")
     q, qpos = layer.extra[f"{state}_q"], layer.extra[f"{state}_pos"]  # [B, Hq, w, D], [B, w]
+    return query_attention(layer, q, qpos, keys, positions), qpos
+
+
+def query_attention(layer: KVLayer, q: Tensor, qpos: Tensor, keys: Tensor, positions: Tensor) -> Tensor:
+    """Attention probabilities of some queries over the layer's view (explicit, float32).
+
+    q: [B, Hq, w, D] queries (RoPE applied) at positions qpos [B, w]; keys [B, H, L, D] and
+    positions [B, H, L] from ``layer.view()``. Returns [B, H, G, w, L]: G query heads per KV head;
+    free slots and entries after a query get 0.
+    """
     batch, heads, length, dim = keys.shape
     groups, w = q.shape[1] // heads, q.shape[2]
     logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
@@ -95,4 +105,4 @@ def window_attention(layer: KVLayer, keys: Tensor, positions: Tensor,
     visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
     if not layer.uniform:
         visible = visible & layer.valid_mask()[:, :, None, None, :]
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1), qpos
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)

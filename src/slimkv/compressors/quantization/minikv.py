@@ -3,11 +3,20 @@
 Paper: Sharma et al., "MiniKV: Pushing the Limits of LLM Inference via 2-Bit Layer-Discriminative
 KV Cache", arXiv:2411.18077.
 
-Eviction picks entries with SnapKV's observation-window votes, but the budget is not the same in every
-layer: lower layers (which attend broadly) keep more, deeper layers (which attend to few tokens) keep
+Eviction picks entries by a scoring method, but the budget is not the same in every layer: lower layers (which attend broadly) keep more, deeper layers (which attend to few tokens) keep
 fewer, on a straight line whose average is the usual ``keep`` - the same total bytes as a uniform
 budget (the ``pyramid`` schedule of ``compressors/schedules.py``; ``beta=2``: the first layer keeps
-1.5x the average, the last 0.5x). What is kept is then quantized to 2 bits (``kivi.py``). Only the prefill phase compresses.
+1.5x the average, the last 0.5x). What is kept is then quantized to 2 bits (``kivi.py``). Only the
+prefill phase compresses.
+
+The scorer: the paper votes with SnapKV's observation window (the attention of the prompt's last
+tokens), ``scorer="snapkv"``. That needs the question at the end of the prompt. Compressed before the
+question is known (question-agnostic: a context stored once and asked many things, the setting of
+slimkv's store and prefix reuse) those last tokens are haystack, and the needle is lost: 2% of the
+full cache's needle score at ratio 0.5 on the embedded model, against 93% with the question. The
+default scorer is therefore ``keydiff`` (key distinctiveness, no queries needed); the layer budgets and
+the 2-bit storage - what makes the method MiniKV - are unchanged. ``minikv_paper`` rows on the
+leaderboard are ``scorer="snapkv"``.
 """
 
 from __future__ import annotations
@@ -19,23 +28,29 @@ from torch import Tensor
 from ...cache import KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
+from ..eviction.keydiff import KeyDiffCompressor
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
 from .kivi import KIVI2
+
+SCORERS = ("keydiff", "snapkv")
 
 
 @register
 @dataclass
 class MiniKV(Compressor):
-    """Pyramid SnapKV budgets (more entries in lower layers, same total), then 2-bit KIVI.
+    """Pyramid eviction budgets (more entries in lower layers, same total), then 2-bit KIVI.
 
+    scorer: what chooses the kept entries: "keydiff" (question-agnostic, the default) or "snapkv"
+          (the paper's observation-window votes; needs the question in the prompt)
     schedule, beta: the layer budget schedule (default pyramid, beta 2: 1.5x the average budget in
           the first layer down to 0.5x in the last)
-    window, kernel: SnapKV's observation window and pooling kernel
+    window, kernel: SnapKV's observation window and pooling kernel (scorer="snapkv")
     group, residual, sinks, rotate, wide_keys: KIVI's key group, full-precision residual and sinks,
           rotation, calibrated wide-key layers (see kivi2)
     """
 
+    scorer: str = "keydiff"
     schedule: str = "pyramid"
     beta: float = 2.0
     window: int = 16
@@ -45,7 +60,7 @@ class MiniKV(Compressor):
     sinks: int = 4
     rotate: bool = True
     wide_keys: int = 1
-    _snapkv: SnapKVCompressor = field(init=False, repr=False, compare=False)
+    _select: Compressor = field(init=False, repr=False, compare=False)
 
     name = "minikv"
     kind = "quantization"
@@ -57,8 +72,13 @@ class MiniKV(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._snapkv = SnapKVCompressor(ratio=self.ratio, budget=self.budget, window=self.window,
-                                        kernel=self.kernel)
+        if self.scorer == "snapkv":
+            self._select = SnapKVCompressor(ratio=self.ratio, budget=self.budget, window=self.window,
+                                            kernel=self.kernel)
+        elif self.scorer == "keydiff":
+            self._select = KeyDiffCompressor(ratio=self.ratio, budget=self.budget, sinks=self.sinks)
+        else:
+            raise ConfigError(f"minikv scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
         if self.sinks < 0:
             raise ConfigError(f"minikv sinks must be >= 0 tokens, got {self.sinks}")
         self._kivi = KIVI2(group=self.group, residual=self.residual, sinks=self.sinks, rotate=self.rotate,
@@ -77,20 +97,20 @@ class MiniKV(Compressor):
         return True  # quantizes even when nothing is evicted
 
     def describe(self) -> str:
-        return (f"{super().describe()[:-1]}, beta={self.beta}, group={self.group}, residual={self.residual}, "
+        return (f"{super().describe()[:-1]}, scorer={self.scorer}, beta={self.beta}, group={self.group}, residual={self.residual}, "
                 f"sinks={self.sinks}, rotate={self.rotate}, wide_keys={self.wide_keys})")
 
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         if not getattr(layer, "quantized", False):
-            self._snapkv.observe(layer, ctx, query, query_positions, key_mass)
+            self._select.observe(layer, ctx, query, query_positions, key_mass)
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        return self._snapkv.score(layer, ctx)
+        return self._select.score(layer, ctx)
 
     def compress(self, layer, ctx: ScoreContext):
         if getattr(layer, "quantized", False) or not layer.initialized:
             return layer
-        if self._snapkv.compresses:  # ctx.keep is already this layer's budget (the pyramid schedule)
-            self._snapkv.compress(layer, ctx)
+        if self._select.compresses:  # ctx.keep is already this layer's budget (the pyramid schedule)
+            self._select.compress(layer, ctx)
         return self._kivi.quantize(layer, ctx.layer_idx)
