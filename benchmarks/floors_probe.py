@@ -130,7 +130,7 @@ class LocalKeyDiff(KeyDiffCompressor):
         if pad:
             unit = F.pad(unit, (0, 0, 0, pad))
             valid = F.pad(valid, (0, pad))
-        # the last chunk may be short: merge it into the previous one when under half a chunk
+        # the padding slots of the last chunk are marked invalid: they take no part in its centres
         sim = nearest_centre(unit.view(b, h * parts, self.chunk, d), valid.view(b, h * parts, self.chunk),
                              int(self.anchors)).view(b, h, parts * self.chunk)[..., :n]
         raw = torch.empty_like(sim).scatter_(-1, order, -sim)

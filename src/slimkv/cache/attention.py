@@ -153,7 +153,7 @@ def _explicit(
         m = None if mask is None else (mask[..., start:stop, :] if mask.shape[-2] == rows else mask)
         # Causal prefill: the chunk's queries see only a prefix of the slots; the rest would get
         # probability exactly 0, so skip them (about half the work of a prompt's first chunk).
-        width = length if m is None else _visible_width(m, length)
+        width = length if m is None else visible_width(m, length)
         if width < length:
             m = m[..., :width]
         # in place where it can be: these chunks are the explicit path's memory traffic
@@ -169,8 +169,8 @@ def _explicit(
     return out, mass
 
 
-def _visible_width(mask: Tensor, length: int) -> int:
-    """Slots ``[0, width)`` hold every entry a chunk's mask (``[..., r, L]`` bool) lets it see."""
+def visible_width(mask: Tensor, length: int) -> int:
+    """Slots ``[0, width)`` hold every entry a mask (``[..., L]`` bool, True = seen) lets some query see."""
     seen = mask.reshape(-1, mask.shape[-1]).any(dim=0)  # [L]
     if seen.shape[0] != length or not bool(seen.any()):
         return length

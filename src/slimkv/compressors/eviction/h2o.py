@@ -26,9 +26,11 @@ import torch
 from torch import Tensor
 
 from ...cache import KVLayer
+from ...cache.attention import visible_width
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from .snapkv import query_attention
 
 STATE = "h2o"
 SAMPLED_ROWS = 32  # sampled queries scored at once (a [G x 32, L] block per KV head)
@@ -89,25 +91,19 @@ def sampled_mass(layer: KVLayer, query: Tensor, query_positions: Tensor, stride:
     weighted by the run's length. Summed over the query heads of each KV head, as the exact mass is.
     """
     keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-    batch, heads, length, dim = keys.shape
-    groups = query.shape[1] // heads
     tokens = query.shape[2]
     picked = torch.arange(tokens - 1, -1, -stride, device=query.device).flip(0)  # [S]
     weight = torch.diff(picked, prepend=picked.new_tensor([-1])).float()  # run lengths [S]
     q, qpos = query[:, :, picked], query_positions[:, picked]  # [B, Hq, S, D], [B, S]
     valid = None if layer.uniform else layer.valid_mask()
-    mass = torch.zeros(batch, heads, length, dtype=torch.float32, device=keys.device)
+    mass = torch.zeros(positions.shape, dtype=torch.float32, device=keys.device)
     for start in range(0, picked.shape[0], SAMPLED_ROWS):
         rows = slice(start, start + SAMPLED_ROWS)
         qp = qpos[:, rows]  # [B, s]
         # a prompt's early queries see only its first slots: skip the slots none of them can see
-        seen = (positions <= qp.max()) if valid is None else (positions <= qp.max()) & valid
-        width = int(seen.flatten(0, 1).any(dim=0).nonzero().max()) + 1 if bool(seen.any()) else length
-        logits = q[:, :, rows].reshape(batch, heads, -1, dim) @ keys[:, :, :width].transpose(-1, -2)
-        logits = logits.float().mul_(layer.scale).view(batch, heads, groups, -1, width)  # [B, H, G, s, w]
-        visible = positions[:, :, None, None, :width] <= qp[:, None, None, :, None]
-        if valid is not None:
-            visible = visible & valid[:, :, None, None, :width]
-        probs = logits.masked_fill_(~visible, float("-inf")).softmax(dim=-1)
+        seen = positions <= qp.max()
+        width = visible_width(seen if valid is None else seen & valid, positions.shape[-1])
+        probs = query_attention(q[:, :, rows], qp, keys[:, :, :width], positions[..., :width], layer.scale,
+                                None if valid is None else valid[..., :width])  # [B, H, G, s, w]
         mass[..., :width] += torch.einsum("bhgsl,s->bhl", probs, weight[rows])
     return mass

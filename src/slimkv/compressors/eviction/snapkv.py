@@ -88,21 +88,23 @@ def window_attention(layer: KVLayer, keys: Tensor, positions: Tensor,
     if f"{state}_q" not in layer.extra:
         raise RuntimeError("window scores need the observation window; no prefill was observed")
     q, qpos = layer.extra[f"{state}_q"], layer.extra[f"{state}_pos"]  # [B, Hq, w, D], [B, w]
-    return query_attention(layer, q, qpos, keys, positions), qpos
+    valid = None if layer.uniform else layer.valid_mask()
+    return query_attention(q, qpos, keys, positions, layer.scale, valid), qpos
 
 
-def query_attention(layer: KVLayer, q: Tensor, qpos: Tensor, keys: Tensor, positions: Tensor) -> Tensor:
-    """Attention probabilities of some queries over the layer's view (explicit, float32).
+def query_attention(q: Tensor, qpos: Tensor, keys: Tensor, positions: Tensor, scale: float,
+                    valid: Tensor | None = None) -> Tensor:
+    """Attention probabilities of a few queries over a layer's entries (explicit, float32).
 
-    q: [B, Hq, w, D] queries (RoPE applied) at positions qpos [B, w]; keys [B, H, L, D] and
-    positions [B, H, L] from ``layer.view()``. Returns [B, H, G, w, L]: G query heads per KV head;
-    free slots and entries after a query get 0.
+    q: [B, Hq, w, D] queries (RoPE applied) at positions qpos [B, w]; keys [B, H, L, D], positions
+    [B, H, L] and valid [B, H, L] bool (None: every slot holds an entry) from the layer.
+    Returns [B, H, G, w, L]: G query heads per KV head; free slots and entries after a query get 0.
     """
     batch, heads, length, dim = keys.shape
     groups, w = q.shape[1] // heads, q.shape[2]
     logits = q.reshape(batch, heads, groups * w, dim) @ keys.transpose(-1, -2)
-    logits = logits.float().view(batch, heads, groups, w, length) * layer.scale
+    logits = logits.float().mul_(scale).view(batch, heads, groups, w, length)
     visible = positions[:, :, None, None, :] <= qpos[:, None, None, :, None]  # [B, H, 1, w, L]
-    if not layer.uniform:
-        visible = visible & layer.valid_mask()[:, :, None, None, :]
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    if valid is not None:
+        visible = visible & valid[:, :, None, None, :]
+    return logits.masked_fill_(~visible, float("-inf")).softmax(dim=-1)

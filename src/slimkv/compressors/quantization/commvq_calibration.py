@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ...cache.vq_codes import fit_codebooks, rope
 from ...errors import ConfigError, InputError
-from ...models.embedded import cache_root
-from ..calibration import sha256, write_atomically
+from ...models.embedded import cache_root, sha256
+from ..calibration import write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -72,6 +72,8 @@ class MiniKV(Compressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sinks < 0:
+            raise ConfigError(f"minikv sinks must be >= 0 tokens, got {self.sinks}")
         if self.scorer == "snapkv":
             self._select = SnapKVCompressor(ratio=self.ratio, budget=self.budget, window=self.window,
                                             kernel=self.kernel)
@@ -79,8 +81,6 @@ class MiniKV(Compressor):
             self._select = KeyDiffCompressor(ratio=self.ratio, budget=self.budget, sinks=self.sinks)
         else:
             raise ConfigError(f"minikv scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
-        if self.sinks < 0:
-            raise ConfigError(f"minikv sinks must be >= 0 tokens, got {self.sinks}")
         self._kivi = KIVI2(group=self.group, residual=self.residual, sinks=self.sinks, rotate=self.rotate,
                            wide_keys=self.wide_keys)
         self.spec = self._kivi.spec
