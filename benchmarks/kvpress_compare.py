@@ -13,7 +13,7 @@ once per configuration (its presses act inside the prefill); slimkv prefills onc
 shares it across every configuration, so its seconds include a share of that prefill.
 
     benchmarks/kvpress/setup.sh
-    OMP_NUM_THREADS=1 python benchmarks/kvpress_compare.py --lengths 1000,2000 --samples 10
+    OMP_NUM_THREADS=1 python benchmarks/kvpress_compare.py --tasks needle,multikey --lengths 1000,2000,4000 --samples 5
 """
 
 from __future__ import annotations
@@ -35,20 +35,21 @@ from slimkv.evals.tasks import make_samples
 from slimkv.models.embedded import converted_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = "streaming_llm,snapkv,knorm,h2o,pyramidkv,expected_attention"
+METHODS = "streaming_llm,snapkv,knorm,h2o,pyramidkv,expected_attention,keydiff,adasnapkv"
 
 
 def write_samples(tokenizer, args, path: Path) -> list[EvalSample]:
     samples, lines = [], []
-    for length in args.lengths:
-        for i, s in enumerate(make_samples(args.task, tokenizer, length, args.samples, seed=args.seed,
-                                           haystack=args.haystack)):
-            samples.append(EvalSample(args.task, length, i, s.context, s.question, tuple(s.answers), s.depth))
-            lines.append(json.dumps({
-                "task": args.task, "length": length, "index": i, "answers": list(s.answers),
-                "context_ids": tokenizer.encode(s.context),
-                "question_ids": tokenizer.encode(s.question, add_special_tokens=False),
-            }))
+    for task in args.tasks:
+        for length in args.lengths:
+            for i, s in enumerate(make_samples(task, tokenizer, length, args.samples, seed=args.seed,
+                                               haystack=args.haystack)):
+                samples.append(EvalSample(task, length, i, s.context, s.question, tuple(s.answers), s.depth))
+                lines.append(json.dumps({
+                    "task": task, "length": length, "index": i, "answers": list(s.answers),
+                    "context_ids": tokenizer.encode(s.context),
+                    "question_ids": tokenizer.encode(s.question, add_special_tokens=False),
+                }))
     path.write_text("\n".join(lines) + "\n")
     return samples
 
@@ -63,44 +64,75 @@ def run_kvpress(args, model_dir: Path, samples: Path, out: Path) -> None:
     subprocess.run(cmd, check=True, env=dict(os.environ))
 
 
-def table(kv_rows: list[dict], sk_rows: list[dict], settings: list[bool], methods: list[str],
-          ratios: list[float], command: str) -> tuple[str, list[dict]]:
-    cells: dict[tuple, dict] = defaultdict(lambda: {"kvpress": [], "slimkv": [], "kvpress_s": [], "slimkv_s": []})
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(kv_rows: list[dict], sk_rows: list[dict], tasks: list[str], lengths: list[int], settings: list[bool],
+          methods: list[str], ratios: list[float], command: str) -> tuple[str, list[dict]]:
+    """One table per task and setting: method x ratio, both libraries' scores per length and on average,
+    the share of the full cache's bytes each holds after the prefill, and seconds per sample."""
+    cells: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
+    full_bytes = {(r["task"], r["length"], r["index"], r["question_aware"]): r.get("cache_bytes")
+                  for r in kv_rows if r["method"] == "none"}
     for r in kv_rows:
-        cells[(r["method"], r["ratio"], r["question_aware"])]["kvpress"].append(r["score"])
-        cells[(r["method"], r["ratio"], r["question_aware"])]["kvpress_s"].append(r["seconds"])
+        c = cells[(r["task"], r["method"], r["ratio"], r["question_aware"])]
+        c[("kvpress", r["length"])].append(r["score"])
+        c["kvpress_s"].append(r["seconds"])
+        full = full_bytes.get((r["task"], r["length"], r["index"], r["question_aware"]))
+        if r.get("cache_bytes") and full:
+            c["kvpress_kv"].append(r["cache_bytes"] / full)
+    # paired: a slimkv answer counts only where kvpress answered the same sample, method and ratio
+    answered = {(r["task"], r["length"], r["index"], r["method"], r["ratio"], r["question_aware"]) for r in kv_rows}
     for r in sk_rows:
-        cells[(r["method"], r["ratio"], r["question_aware"])]["slimkv"].append(r["score"])
-        cells[(r["method"], r["ratio"], r["question_aware"])]["slimkv_s"].append(r["seconds"])
+        if (r["task"], r["length"], r["index"], r["method"], r["ratio"], r["question_aware"]) not in answered:
+            continue
+        c = cells[(r["task"], r["method"], r["ratio"], r["question_aware"])]
+        c[("slimkv", r["length"])].append(r["score"])
+        c["slimkv_s"].append(r["seconds"])
+        c["slimkv_kv"].append(r["bytes_kept"] / r["bytes_full"])
 
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
-    def fmt(x: float | None, spec: str) -> str:
-        return "-" if x is None else format(x, spec)
-
-    out, data = ["# slimkv vs kvpress", "", f"Command: `{command}`", ""], []
-    for aware in settings:
-        out += [f"## {'question-aware' if aware else 'question-agnostic'}", "",
-                "| method | ratio | kvpress score | slimkv score | kvpress s/sample | slimkv s/sample | samples |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
-        for method, ratio in [("none", None)] + [(m, r) for m in methods for r in ratios]:
-            c = cells[(method, ratio, aware)]
-            row = {"method": method, "ratio": ratio, "question_aware": aware,
-                   "kvpress_score": mean(c["kvpress"]), "slimkv_score": mean(c["slimkv"]),
-                   "kvpress_seconds": mean(c["kvpress_s"]), "slimkv_seconds": mean(c["slimkv_s"]),
-                   "samples": max(len(c["kvpress"]), len(c["slimkv"]))}
-            data.append(row)
-            out.append(f"| {'none (full cache)' if method == 'none' else method} | {ratio if ratio else '-'} | "
-                       f"{fmt(row['kvpress_score'], '.2f')} | {fmt(row['slimkv_score'], '.2f')} | "
-                       f"{fmt(row['kvpress_seconds'], '.1f')} | {fmt(row['slimkv_seconds'], '.1f')} | {row['samples']} |")
-        out.append("")
+    out, data = ["# slimkv vs kvpress", "", f"Command: `{command}`", "",
+                 ("Scores: fraction of the expected strings found in the answer, per prompt length, on identical "
+                 "samples (token ids); a cell counts only the samples both libraries answered. KV: bytes held after the compressed prefill as a share of the full "
+                 "cache's key and value bytes (slimkv counts its position ids and free slots too). Seconds: "
+                 "per sample and configuration."), ""]
+    head = "| method | ratio | " + " | ".join(f"{n} kvpress | {n} slimkv" for n in lengths) + \
+        " | mean kvpress | mean slimkv | KV kvpress | KV slimkv | s kvpress | s slimkv | samples |"
+    rule = "|---|---:|" + "---:|---:|" * len(lengths) + "---:|---:|---:|---:|---:|---:|---:|"
+    for task in tasks:
+        for aware in settings:
+            out += [f"## {task}, {'question-aware' if aware else 'question-agnostic'}", "", head, rule]
+            for method, ratio in [("none", None)] + [(m, r) for m in methods for r in ratios]:
+                c = cells[(task, method, ratio, aware)]
+                kv_all = [x for n in lengths for x in c[("kvpress", n)]]
+                sk_all = [x for n in lengths for x in c[("slimkv", n)]]
+                row = {"task": task, "method": method, "ratio": ratio, "question_aware": aware,
+                       "kvpress_score": _mean(kv_all), "slimkv_score": _mean(sk_all),
+                       "kvpress_by_length": {n: _mean(c[("kvpress", n)]) for n in lengths},
+                       "slimkv_by_length": {n: _mean(c[("slimkv", n)]) for n in lengths},
+                       "kvpress_kv": _mean(c["kvpress_kv"]), "slimkv_kv": _mean(c["slimkv_kv"]),
+                       "kvpress_seconds": _mean(c["kvpress_s"]), "slimkv_seconds": _mean(c["slimkv_s"]),
+                       "samples": max(len(kv_all), len(sk_all))}
+                data.append(row)
+                per_length = " | ".join(f"{_fmt(row['kvpress_by_length'][n], '.2f')} | "
+                                        f"{_fmt(row['slimkv_by_length'][n], '.2f')}" for n in lengths)
+                out.append(f"| {'none (full cache)' if method == 'none' else method} | {ratio if ratio else '-'} | "
+                           f"{per_length} | {_fmt(row['kvpress_score'], '.2f')} | {_fmt(row['slimkv_score'], '.2f')} | "
+                           f"{_fmt(row['kvpress_kv'], '.2f')} | {_fmt(row['slimkv_kv'], '.2f')} | "
+                           f"{_fmt(row['kvpress_seconds'], '.1f')} | {_fmt(row['slimkv_seconds'], '.1f')} | "
+                           f"{row['samples']} |")
+            out.append("")
     return "\n".join(out), data
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="needle")
+    p.add_argument("--tasks", default="needle", help="comma-separated tasks (needle, multikey, ...)")
     p.add_argument("--lengths", default="1000,2000")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +145,7 @@ def main() -> int:
     p.add_argument("--skip-kvpress", action="store_true", help="only (re)score and (re)write the table")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/kvpress"))
     args = p.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.ratios = [float(x) for x in args.ratios.split(",")]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -125,25 +158,29 @@ def main() -> int:
     if not args.skip_kvpress:
         run_kvpress(args, converted_folder(), out / "samples.jsonl", out / "kvpress.jsonl")
 
-    ours = [m for m in args.methods if m in registered()]
-    runner = Runner(Engine(model, tokenizer), args.max_new_tokens, out / "slimkv.jsonl", run=f"{args.task}|{args.haystack}|seed{args.seed}")
-    runner.evaluate(samples, [MethodSpec(m, r) for m in ours for r in args.ratios], settings)
+    ours = [MethodSpec(m, r) for m in args.methods if m in registered() for r in args.ratios]
+    runs = {}
+    for task in args.tasks:
+        runs[task] = f"{task}|{args.haystack}|seed{args.seed}"
+        runner = Runner(Engine(model, tokenizer), args.max_new_tokens, out / "slimkv.jsonl", run=runs[task])
+        runner.evaluate([s for s in samples if s.task == task], ours, settings)
 
-    answers = {(s.length, s.index): s.answers for s in samples}
-    keep = {(s.length, s.index) for s in samples}
+    answers = {(s.task, s.length, s.index): s.answers for s in samples}
     kv_rows = []
     for line in (out / "kvpress.jsonl").read_text().splitlines():
         r = json.loads(line)
-        if (r["length"], r["index"]) not in keep or r["task"] != args.task:
+        key = (r["task"], r["length"], r["index"])
+        if key not in answers or r["method"] not in args.methods + ["none"] or \
+                (r["ratio"] is not None and r["ratio"] not in args.ratios):
             continue
         text = tokenizer.decode(r["answer_ids"], skip_special_tokens=True).split("\n")[0]
-        kv_rows.append({**r, "answer": text, "score": string_match(text, answers[(r["length"], r["index"])])})
+        kv_rows.append({**r, "answer": text, "score": string_match(text, answers[key])})
     sk_rows = [json.loads(line) for line in (out / "slimkv.jsonl").read_text().splitlines()]
-    sk_rows = [r for r in sk_rows if (r["length"], r["index"]) in keep and r["run"] == runner.run]
+    sk_rows = [r for r in sk_rows if (r["task"], r["length"], r["index"]) in answers and r["run"] == runs.get(r["task"])]
     command = "OMP_NUM_THREADS=1 python benchmarks/kvpress_compare.py " + " ".join(sys.argv[1:])
-    text, data = table(kv_rows, sk_rows, settings, args.methods, args.ratios, command)
+    text, data = table(kv_rows, sk_rows, args.tasks, args.lengths, settings, args.methods, args.ratios, command)
     (out / "comparison.md").write_text(text)
-    (out / "comparison.json").write_text(json.dumps({"command": command, "task": args.task,
+    (out / "comparison.json").write_text(json.dumps({"command": command, "tasks": args.tasks,
                                                      "lengths": args.lengths, "rows": data}, indent=1))
     print(text)
     return 0

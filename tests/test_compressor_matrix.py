@@ -169,13 +169,16 @@ def test_chunked_prefill_matches_one_pass(llama):
 @pytest.mark.parametrize("name", DECODE)
 def test_decode_phase_stays_within_budget(llama, name):
     budget = 24
-    engine = engine_for(llama, name, budget=budget, phase="decode")
+    per_head = name in HEADWISE  # FastGen: the layer's total, each head following its own policy
+    engine = engine_for(llama, name, budget=budget, phase="both" if per_head else "decode")
     seen_lengths, fixed_state = [], [0]
     original = engine.compressor.make_room
+    heads = engine.adapter.spec.kv_heads
 
     def spy(layer, ctx):
         room = original(layer, ctx)
-        seen_lengths.append(int(layer.lengths.max()))
+        # per head; head-wise: the layer's mean per head (a head may also hold its newest token)
+        seen_lengths.append(int(layer.lengths.sum(-1).max()) / heads - 1 if per_head else int(layer.lengths.max()))
         # per-layer state of a fixed size, not per entry (ALISA's latest queries)
         fixed_state.append(sum(t.numel() * t.element_size() for t in layer.extra.values()))
         return room

@@ -2,7 +2,8 @@
 
 Reads the samples ``benchmarks/kvpress_compare.py`` wrote (token ids of context and question, so both
 libraries see identical inputs) and appends one JSON line per sample, setting, method and ratio:
-the greedy answer's token ids and the seconds spent (prefill with the press, question, answer).
+the greedy answer's token ids, the bytes of the cache's key and value tensors right after the
+compressed prefill, and the seconds spent (prefill with the press, question, answer).
 Resumable: configurations already in the output file are skipped. Imports nothing from slimkv.
 
 Protocol, as kvpress's own pipeline does it: the press compresses during the prefill of the context
@@ -11,7 +12,7 @@ then decode greedily over the compressed cache with their original positions.
 
 Usage (normally called by benchmarks/kvpress_compare.py):
     .venv-kvpress/bin/python benchmarks/kvpress/run_kvpress.py MODEL_DIR SAMPLES.jsonl OUT.jsonl \
-        --methods streaming_llm,snapkv,knorm,h2o,pyramidkv,expected_attention --ratios 0.5,0.75,0.875
+        --methods streaming_llm,snapkv,knorm,h2o,pyramidkv,expected_attention,keydiff,adasnapkv --ratios 0.5,0.75,0.875
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import kvpress
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
-
-import kvpress
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
@@ -39,23 +39,33 @@ PRESSES = {
     "h2o": "ObservedAttentionPress",  # kvpress's H2O-like press: mean observed attention per key
     "pyramidkv": "PyramidKVPress",
     "expected_attention": "ExpectedAttentionPress",
+    "keydiff": "KeyDiffPress",  # the paper's single mean anchor per head
+    "adasnapkv": "AdaKVPress",  # wraps SnapKVPress; masks the dropped keys (keeps their bytes)
     "random": "RandomPress",
 }
 
 
 def make_press(method: str, ratio: float):
+    if method == "adasnapkv":
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio))
     cls = getattr(kvpress, PRESSES[method])
     return cls(compression_ratio=ratio)
 
 
+def cache_bytes(cache) -> int:
+    """Bytes the cache's key and value tensors hold (masked entries included: they are still stored)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
 @torch.no_grad()
 def answer(model, press, context: list[int], question: list[int], aware: bool, max_new_tokens: int,
-           eos: set[int], ragged: bool) -> list[int]:
+           eos: set[int], ragged: bool) -> tuple[list[int], int]:
     prompt = context + question if aware else context
     cache = DynamicCache()
     ids = torch.tensor([prompt])
     with press(model) if press is not None else contextlib.nullcontext():
         out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+    held = cache_bytes(cache)
     length = len(prompt)
     if not aware and not ragged:
         pos = torch.arange(length, length + len(question))[None]
@@ -75,7 +85,7 @@ def answer(model, press, context: list[int], question: list[int], aware: bool, m
         length += 1
         token = int(out.logits[0, -1].argmax())
         generated.append(token)
-    return generated
+    return generated, held
 
 
 def main() -> int:
@@ -123,12 +133,13 @@ def main() -> int:
                     press = None if method == "none" else make_press(method, ratio)
                     runner = model if method == "h2o" or sdpa is None else sdpa
                     t0 = time.perf_counter()
-                    ids = answer(runner, press, s["context_ids"], s["question_ids"], aware, args.max_new_tokens, eos,
+                    ids, held = answer(runner, press, s["context_ids"], s["question_ids"], aware, args.max_new_tokens, eos,
                                  ragged=method == "pyramidkv")
                     seconds = time.perf_counter() - t0
                     f.write(json.dumps({"task": s["task"], "length": s["length"], "index": s["index"],
                                         "method": method, "ratio": ratio, "question_aware": aware,
-                                        "answer_ids": ids, "seconds": round(seconds, 3)}) + "\n")
+                                        "answer_ids": ids, "cache_bytes": held,
+                                        "seconds": round(seconds, 3)}) + "\n")
                     f.flush()
                     print(f"[{n}/{total}] {s['task']} {s['length']} #{s['index']} {method}@{ratio} "
                           f"{'aware' if aware else 'agnostic'} {seconds:.1f}s", file=sys.stderr, flush=True)

@@ -94,6 +94,10 @@ def add_parser(sub) -> None:
     q.add_argument("--tokens", type=int, default=1024, help="text tokens scored (default 1024)")
     q.add_argument("--haystack", default="bible", help="text to score (default bible)")
     q.add_argument("--offset", type=int, default=200_000, help="character offset into the text (held out)")
+    q.add_argument("--prefix", type=int, default=1,
+                   help="tokens given first as a prompt, not scored (default 1); above 1 every method runs "
+                        "with phase both (the prompt compressed to the budget first); fastgen needs one "
+                        "(it chooses its per-head policies on it)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=run_perplexity)
     s = tasks.add_parser("suite", help="many methods, ratios and tasks -> results.jsonl, leaderboard.md, plots")
@@ -270,13 +274,19 @@ def run_perplexity(args: argparse.Namespace) -> int:
             return None
         if "+" not in name and method_info(name).kind == "quantization":
             return make_compressor(name)  # every entry kept, in fewer bits: no budget applies
-        return make_compressor(name, budget=args.budget, phase="decode")
+        if make_compressor(name, budget=args.budget, phase="prefill").decodes_per_head and args.prefix < 2:
+            raise InputError(f"{name} chooses each head's policy on a prompt before it decodes: give it one "
+                             "with --prefix (e.g. --prefix 512)")
+        # a prefix longer than the budget is compressed first, as a generation's prompt would be
+        return make_compressor(name, budget=args.budget, phase="both" if args.prefix > 1 else "decode")
 
     names = _names(args.compressors)
     comps = {n: build(n) for n in names}
     engine, tokenizer = _engine(args)
-    tokens = _text_tokens(tokenizer, args.haystack, args.tokens + 1, args.offset)
-    rows = [perplexity(engine, tokens, comp, name) for name, comp in comps.items()]
+    if args.prefix < 1:
+        raise InputError(f"--prefix must be at least 1 token, got {args.prefix}")
+    tokens = _text_tokens(tokenizer, args.haystack, args.tokens + args.prefix, args.offset)
+    rows = [perplexity(engine, tokens, comp, name, prefix=args.prefix) for name, comp in comps.items()]
     if args.json:
         print(json.dumps([{**r.__dict__, "budget": None if comps[r.method] is not None and comps[r.method].quantizes
                            else args.budget} for r in rows]))

@@ -14,7 +14,7 @@ entries scored ``-inf`` are never kept (FastGen excludes entries outside a head'
 
 Works with any scoring method (``make_compressor("knorm", ratio=0.5, allocation="head")``,
 ``--allocation head``); ``adasnapkv`` is SnapKV with it. Prefill phase only: the budget is split once,
-on the prompt. Heads then hold different numbers of entries, so the layer becomes a
+on the prompt (FastGen, whose heads follow their own policies while decoding, is the exception). Heads then hold different numbers of entries, so the layer becomes a
 :class:`~slimkv.cache.RaggedLayer` (paged) and the difference is saved in bytes, not masked.
 """
 
@@ -28,14 +28,17 @@ from ..errors import ConfigError
 ALLOCATIONS = ("uniform", "head")
 
 
-def check_allocation(allocation: str, floor: float, phase: str | None) -> None:
+def check_allocation(allocation: str, floor: float, phase: str | None, decodes_per_head: bool = False) -> None:
+    """Raise :class:`ConfigError` for an unknown allocation, a floor outside [0, 1], or head-wise
+    allocation in the decode phase (unless the method governs each head itself while decoding,
+    ``decodes_per_head``: FastGen's policies)."""
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"unknown allocation {allocation!r}; valid allocations: {', '.join(ALLOCATIONS)}")
     if not 0.0 <= float(floor) <= 1.0:
         raise ConfigError(
             f"floor must be in [0, 1] (the share of the per-head budget every head keeps), got {floor}"
         )
-    if allocation == "head" and phase in ("decode", "both"):
+    if allocation == "head" and phase in ("decode", "both") and not decodes_per_head:
         raise ConfigError(
             "allocation='head' splits a layer's budget across heads once, on the prompt; it does not "
             "evict during decoding - use phase='prefill' (--phase prefill)"

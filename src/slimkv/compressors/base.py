@@ -53,7 +53,8 @@ class ScoreContext:
     seen: [batch] tokens processed per sequence, counting a token about to be added
     phase: "prefill" or "decode"
     punctuation: [batch, tokens] bool, which new tokens of this pass are punctuation; given to
-                 observers with ``needs_punctuation`` during prefill (None otherwise)
+                 observers with ``needs_punctuation`` by the engine's prefill and generation loop
+                 (None otherwise)
     """
 
     layer_idx: int
@@ -94,6 +95,7 @@ class Compressor:
     default_phase: ClassVar[str] = "prefill"
     needs_key_mass: ClassVar[bool] = False
     needs_punctuation: ClassVar[bool] = False  # observe() reads ctx.punctuation (FastGen)
+    decodes_per_head: ClassVar[bool] = False  # make_room follows per-head rules (FastGen): head-wise allocation may decode
     excludes: ClassVar[bool] = False  # score() gives -inf to entries never kept, even under budget
     quantizes: ClassVar[bool] = False  # stores entries in fewer bits (see ``quantization/``)
 
@@ -110,7 +112,7 @@ class Compressor:
         check_schedule(self.schedule, self.beta)
         if self.phase is None:
             self.phase = self.default_phase
-        check_allocation(self.allocation, self.floor, self.phase)
+        check_allocation(self.allocation, self.floor, self.phase, self.decodes_per_head)
         if self.phase not in PHASES:
             raise ConfigError(f"phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
         wanted = ("prefill", "decode") if self.phase == "both" else (self.phase,)

@@ -49,7 +49,7 @@ class Engine:
         self.compressor = compressor
         self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
-        self._punct_table: torch.Tensor | None = None  # see _punctuation
+        self._punct_table: torch.Tensor | None = None  # see punctuation
         if compressor is not None:
             compressor.bind(self)
 
@@ -95,7 +95,7 @@ class Engine:
             chunk = ids[start : start + self.prefill_chunk]
             first = cache.seen[0]
             positions = torch.arange(first, first + len(chunk), device=device)[None]
-            punct = self._punctuation(chunk, observers)
+            punct = self.punctuation(chunk, observers)
             ctx = ForwardContext(cache, positions, self.compressor, phase="prefill", observers=observers,
                                  punctuation=punct)
             logits = self.adapter.forward(torch.tensor([chunk], device=device), positions, ctx)
@@ -105,8 +105,11 @@ class Engine:
         assert logits is not None
         return logits[:, -1]
 
-    def _punctuation(self, ids: list[int], observers) -> torch.Tensor | None:
-        """[1, tokens] punctuation flags of ``ids`` when an observer needs them (FastGen), else None."""
+    def punctuation(self, ids: list[int] | torch.Tensor, observers=None) -> torch.Tensor | None:
+        """Punctuation flags of ``ids`` when an observer needs them (FastGen), else None.
+
+        ids: one sequence's tokens (a list -> [1, tokens]) or a [batch, tokens] tensor (-> the same shape)
+        """
         watching = observers if observers is not None else (self.compressor,)
         if not any(getattr(o, "needs_punctuation", False) for o in watching if o is not None):
             return None
@@ -114,7 +117,9 @@ class Engine:
             vocab = self.adapter.model.get_input_embeddings().num_embeddings
             self._punct_table = punctuation_table(self.tokenizer, vocab)
         table = self._punct_table
-        return table[torch.tensor(ids).clamp(max=table.numel() - 1)][None].to(self.adapter.device)
+        ids = torch.as_tensor(ids).cpu()
+        ids = ids[None] if ids.dim() == 1 else ids
+        return table[ids.clamp(max=table.numel() - 1)].to(self.adapter.device)
 
     def prepare(self, segments: Segments, progress: ProgressFn | None = None) -> tuple[SlimCache, torch.Tensor]:
         """Prefill and compress one request's prompt; returns its cache and last-token logits.

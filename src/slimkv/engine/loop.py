@@ -93,7 +93,8 @@ class Generation:
                 if all(r.finish is not None for r in self.rows):
                     break
                 positions = torch.tensor(cache.seen, device=engine.adapter.device)[:, None]
-                ctx = ForwardContext(cache, positions, engine.compressor, phase="decode")
+                ctx = ForwardContext(cache, positions, engine.compressor, phase="decode",
+                                     punctuation=engine.punctuation(tokens[:, None]))
                 next_logits = engine.adapter.forward(tokens[:, None], positions, ctx)[:, -1]
                 cache.seen = [n + 1 for n in cache.seen]
             decode_s = time.perf_counter() - t_first if t_first is not None else 0.0

@@ -49,7 +49,7 @@ class Perplexity:
 def _step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
     """One decode step of a one-sequence cache; returns log-probabilities [vocab]."""
     pos = torch.tensor([[cache.seen[0]]], device=engine.adapter.device)
-    ctx = ForwardContext(cache, pos, comp, phase="decode")
+    ctx = ForwardContext(cache, pos, comp, phase="decode", punctuation=engine.punctuation([token], (comp,)))
     logits = engine.adapter.forward(torch.tensor([[token]], device=engine.adapter.device), pos, ctx)
     cache.seen[0] += 1
     return logits[0, -1].float().log_softmax(-1)
@@ -88,7 +88,9 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
     """Perplexity of ``tokens[prefix:]`` fed one token at a time, compressing in the decode phase.
 
     A quantizer (``comp.quantizes`` without a decode phase) converts the cache once after the prefix;
-    its layers quantize every later entry as their groups fill.
+    its layers quantize every later entry as their groups fill. A method active in the prefill phase
+    too (``phase="both"``, FastGen's per-head policies) observes the prefix and compresses it first,
+    as a generation's prompt would be.
     """
     if len(tokens) <= prefix:
         raise ValueError("perplexity needs more tokens than the prefix")
@@ -97,8 +99,10 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
         comp.bind(engine)
     with engine.adapter.attached():
         cache = engine.new_cache()
-        logp = engine.prefill(cache, tokens[:prefix])[0].float().log_softmax(-1)
-        if comp is not None and comp.quantizes and not comp.active("decode"):
+        prompt = comp is not None and comp.active("prefill") and not comp.quantizes
+        observers = (comp,) if prompt else ()
+        logp = engine.prefill(cache, tokens[:prefix], observers=observers)[0].float().log_softmax(-1)
+        if comp is not None and (prompt or (comp.quantizes and not comp.active("decode"))):
             engine.with_compressor(comp).compress(cache, "prefill")
         for t in tokens[prefix:]:
             nll -= float(logp[t])

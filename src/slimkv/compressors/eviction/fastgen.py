@@ -22,9 +22,25 @@ Budget choice: ``ratio`` (or ``budget``) is a *cap* on each layer's total, ``kv_
 entries per sequence. Under the cap every head keeps its whole policy and the cache can be far
 smaller than the ratio says; over it, the entries of all policies compete by attention share as in
 head-wise allocation (``allocation.py``), special tokens first. A tiny ratio (e.g. 0.01) gives the
-uncapped method of the paper; ratio 0 or none compresses nothing, like every method. Prefill phase
-only: generated tokens are appended to every head (the paper also applies each head's policy while
-generating, which is not done here). Report ``bytes_kept``, not the ratio.
+uncapped method of the paper; ratio 0 or none compresses nothing, like every method. Report
+``bytes_kept``, not the ratio.
+
+Generation (``phase="both"``): every head keeps following the policy it was given on the prompt, as
+the paper does. Before each new token is written, a head evicts an entry its policy no longer holds:
+
+- special: everything but the first ``sinks`` tokens (each generated token is attended to once, by
+  itself, then evicted);
+- + punctuation: generated tokens that are not punctuation (the engine flags every generated token);
+- + frequent: entries outside the ``frequent`` share of the seen tokens with the most accumulated
+  attention (the profiling window's mass, then every generated query's, as H2O accumulates it);
+- + local: ... and outside the most recent ``local`` share of the seen tokens;
+- full: nothing.
+
+A head holds its policy's entries plus at most the newest token. The cap still holds per layer: when
+a layer holds ``kv_heads * keep`` entries, every head evicts its least attended entry (never a sink)
+before it writes. State: each head's policy (``layer.extra``) and one float per entry (its mass,
+``+inf`` for special and punctuation entries), both counted in ``bytes_kept``. ``phase="prefill"``
+(the default) appends generated tokens to every head, as before.
 """
 
 from __future__ import annotations
@@ -40,11 +56,15 @@ from ...cache import KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from .h2o import sampled_mass
 from .snapkv import SnapKVCompressor, window_attention
 
 logger = logging.getLogger(__name__)
 
-PUNCT = "fastgen_punct"
+PUNCT = "fastgen_punct"  # layer.extra: [B, tokens seen] bool punctuation flags, by position (prefill)
+POLICY = "fastgen_policy"  # layer.extra: [B, H] each head's policy index, kept for the decode phase
+MASS = "fastgen_mass"  # slot_state: attention mass per entry, +inf for special and punctuation entries
+PROFILE = "fastgen_profile"  # layer.extra: [2, B, H, L] member and mass of the last profiling (one compress)
 
 
 @register
@@ -70,15 +90,19 @@ class FastGenCompressor(Compressor):
     name = "fastgen"
     paper = ("Ge et al., Model Tells You What to Discard: Adaptive KV Cache Compression for LLMs, "
              "arXiv:2310.01801")
-    supported_phases = ("prefill",)
+    supported_phases = ("prefill", "decode")
     needs_punctuation = True
     excludes = True
+    decodes_per_head = True
     state: ClassVar[str] = "fastgen"  # ``layer.extra`` prefix of the observed window (SnapKV's observe)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.allocation != "head":
             raise ConfigError("fastgen chooses a policy per head; it needs allocation='head' (the default)")
+        if self.phase == "decode":
+            raise ConfigError("fastgen chooses each head's policy on the prompt, then follows it while "
+                              "decoding: use phase='both' (--phase both), or 'prefill'")
         if not 0.0 < self.recovery <= 1.0:
             raise ConfigError(
                 f"fastgen recovery must be in (0, 1] (share of attention kept), got {self.recovery}"
@@ -91,6 +115,9 @@ class FastGenCompressor(Compressor):
 
     def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
+        if POLICY in layer.extra:  # the prompt was profiled: follow the policies (decode phase)
+            self._follow(layer, ctx, query, query_positions)
+            return
         SnapKVCompressor.observe(self, layer, ctx, query, query_positions, key_mass)  # type: ignore[arg-type]
         if ctx.punctuation is not None:  # [B, T] flags of this pass's tokens, kept in position order
             prev = layer.extra.get(PUNCT)
@@ -99,9 +126,29 @@ class FastGenCompressor(Compressor):
                 flags = torch.cat([prev, flags], dim=1)
             layer.extra[PUNCT] = flags
 
+    def _follow(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor) -> None:
+        """After profiling: add this pass's attention to every entry's mass; mark new punctuation."""
+        state = layer.new_slot_state(MASS)
+        length = layer.view()[2].shape[-1]
+        state[:, :, :length] += sampled_mass(layer, query, query_positions, 1)
+        if ctx.punctuation is None:
+            return
+        _, _, positions = layer.view()  # [B, H, L]
+        first = query_positions[:, :1, None]  # [B, 1, 1]: this pass's tokens sit at first..first+T-1
+        offset = (positions.long() - first).clamp(min=0, max=ctx.punctuation.shape[1] - 1)
+        flags = ctx.punctuation.to(torch.bool)[:, None].expand(-1, positions.shape[1], -1)  # [B, H, T]
+        new_punct = (positions.long() >= first) & flags.gather(2, offset)
+        if bool(new_punct.any()):
+            state[:, :, :length] = state[:, :, :length].masked_fill(new_punct, float("inf"))
+
     def policies(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor]:
         """Each head's policy: index (0-4, the module docstring's order) [B, H], its entries [B, H, L]
         bool, and the attention mass of every slot [B, H, L] (window queries, summed over the group)."""
+        choice, member, mass, _ = self._profile(layer, ctx)
+        return choice, member, mass
+
+    def _profile(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`policies`, and the special-or-punctuation entries [B, H, L] bool."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
         probs, _ = window_attention(layer, keys, positions, self.state)  # [B, H, G, w, L]
         mass = probs.sum(dim=(2, 3))  # [B, H, L]
@@ -114,9 +161,7 @@ class FastGenCompressor(Compressor):
         if flags is not None:
             at = flags.gather(1, pos.flatten(1).clamp(max=flags.shape[1] - 1)).view_as(pos)
             punct_set = special | (at & (pos < flags.shape[1]) & valid)
-        order = mass.masked_fill(~valid, -1.0).argsort(dim=-1, descending=True, stable=True)
-        steps = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
-        rank = torch.empty_like(pos).scatter_(-1, order, steps)  # 0 = most attended
+        rank = _rank(mass.masked_fill(~valid, -1.0))  # 0 = most attended
         frequent = punct_set | ((rank < (seen * self.frequent).ceil()) & valid)
         local = frequent | ((pos >= seen - (seen * self.local).ceil()) & valid)
         sets = torch.stack([special, punct_set, frequent, local, valid])  # [5, B, H, L]
@@ -127,10 +172,76 @@ class FastGenCompressor(Compressor):
         member = sets.gather(0, choice[None, ..., None].expand(1, *mass.shape))[0]
         logger.debug("fastgen layer %d heads per policy (special, +punct, +frequent, +local, full): %s",
                      ctx.layer_idx, torch.bincount(choice.flatten(), minlength=5).tolist())
-        return choice, member, mass
+        return choice, member, mass, punct_set
 
     def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        _, member, mass = self.policies(layer, ctx)
+        profile = layer.extra.get(PROFILE)  # computed by compress (decode phase ahead), else now
+        if profile is not None:
+            member, mass = profile[0].bool(), profile[1]
+        else:
+            _, member, mass = self.policies(layer, ctx)
         _, _, positions = layer.view()  # [B, H, L]
         scores = mass.masked_fill(~member, float("-inf"))  # outside the policy: never kept
         return scores.masked_fill(member & (positions.long() < self.sinks), float("inf"))
+
+    # ------------------------------------------------------------------ decode phase (phase="both")
+    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
+        """Profile and keep each head's policy (prefill); in the decode phase, after a multi-token pass
+        (a question), keep the policies: ``make_room`` evicts what they do not hold, a token per step."""
+        if not self.active("decode"):
+            return super().compress(layer, ctx, merger)
+        if POLICY in layer.extra:
+            policy = layer.extra[POLICY]
+            layer.extra.clear()
+            layer.extra[POLICY] = policy
+            return None
+        if not layer.initialized:
+            return None
+        choice, member, mass, protected = self._profile(layer, ctx)
+        length = mass.shape[-1]
+        layer.new_slot_state(MASS)[:, :, :length] = mass.float().masked_fill(protected, float("inf"))
+        layer.extra[PROFILE] = torch.stack([member.float(), mass.float()])
+        out = super().compress(layer, ctx, merger)  # keeps each head's policy (the mass moves along)
+        (out if out is not None else layer).extra[POLICY] = choice
+        return out
+
+    def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+        """Per head: evict an entry its policy does not hold; at the layer's cap, its least attended one."""
+        if not layer.initialized:
+            return None
+        policy = layer.extra.get(POLICY)
+        if policy is None:
+            raise RuntimeError("fastgen decodes with the policies it chose on the prompt; compress the "
+                               "prompt first (Engine.prepare and generate do)")
+        assert layer.lengths is not None
+        _, _, positions = layer.view()  # [B, H, L]
+        pos = positions.long()
+        valid = layer.valid_mask() if not layer.uniform else torch.ones_like(pos, dtype=torch.bool)
+        mass = layer.new_slot_state(MASS)[:, :, : pos.shape[-1]]  # [B, H, L]
+        seen = ctx.seen.to(pos.device)[:, None, None]  # [B, 1, 1], counting the token about to come
+        sink = (pos < self.sinks) & valid
+        protected = torch.isinf(mass) & valid  # special and punctuation entries
+        open_ = valid & ~protected
+        rank = _rank(mass.masked_fill(~open_, -1.0))  # 0 = most attended
+        frequent = open_ & (rank < (seen.double() * self.frequent).ceil())
+        local = valid & (pos >= seen - (seen.double() * self.local).ceil().long())
+        p = policy.to(pos.device)[..., None]  # [B, H, 1]
+        member = sink | ((p >= 1) & protected) | ((p >= 2) & frequent) | ((p >= 3) & local) | ((p >= 4) & valid)
+        stray = valid & ~member  # entries the head's policy no longer holds
+        at_cap = layer.lengths.sum(dim=-1) >= ctx.keep.to(pos.device) * pos.shape[1]  # [B]
+        finite = mass.masked_fill(torch.isinf(mass), torch.finfo(torch.float32).max)
+        worst_stray = finite.masked_fill(~stray, float("inf")).argmin(dim=-1)  # [B, H]
+        worst = finite.masked_fill(~valid | sink, float("inf"))
+        has_stray, evictable = stray.any(dim=-1), torch.isfinite(worst).any(dim=-1)
+        victim = torch.where(has_stray, worst_stray, worst.argmin(dim=-1))
+        full = has_stray | (at_cap[:, None] & evictable)
+        if not bool(full.any()):
+            return None
+        return victim, full
+
+
+def _rank(scores: Tensor) -> Tensor:
+    """Rank of every slot in its row by ``scores``, 0 = highest ([B, H, L] -> [B, H, L] long)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    steps = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, steps)
