@@ -193,10 +193,12 @@ def test_decode_phase_stays_within_budget(llama, name):
     assert result.cache.bytes_kept <= spec.layers * (expected_bytes(budget, spec, slot_states=1) + max(fixed_state))
 
 
-@pytest.mark.parametrize("name", ["none", "snapkv", "h2o", "streaming_llm", *HEADWISE])
-def test_batch_of_two_decodes_like_each_alone(llama, name):
+@pytest.mark.parametrize("name, phase", [("none", None), ("snapkv", None), ("h2o", None), ("streaming_llm", None),
+                                         ("h2o", "both"), ("alisa", "both"),
+                                         *[(n, None) for n in HEADWISE], ("fastgen", "both")])
+def test_batch_of_two_decodes_like_each_alone(llama, name, phase):
     a, b = Segments(prompt_ids(30, seed=4), []), Segments(prompt_ids(45, seed=5), [])
-    engine = engine_for(llama, name, ratio=0.5 if name != "none" else None)
+    engine = engine_for(llama, name, ratio=0.5 if name != "none" else None, phase=phase)
     config = GenerationConfig(max_new_tokens=10)
     alone = [engine.generate(s, config).token_ids for s in (a, b)]
     together = [r.token_ids for r in engine.generate_batch([a, b], config)]

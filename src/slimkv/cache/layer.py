@@ -349,5 +349,10 @@ class KVLayer:
         out.lengths = torch.cat([layer.lengths for layer in layers], dim=0)
         names = set.intersection(*(set(layer.slot_state) for layer in layers))
         out.slot_state = {n: cat(lambda layer, n=n: layer.slot_state[n]) for n in names}
+        # per-sequence compressor state (batch first, e.g. FastGen's per-head policies) stacks too
+        for n in set.intersection(*(set(layer.extra) for layer in layers)):
+            parts = [layer.extra[n] for layer in layers]
+            if all(t.dim() > 0 and t.shape[1:] == parts[0].shape[1:] for t in parts):
+                out.extra[n] = torch.cat(parts, dim=0)
         out._refresh_lengths()
         return out

@@ -37,8 +37,9 @@ the paper does. Before each new token is written, a head evicts an entry its pol
 - full: nothing.
 
 A head holds its policy's entries plus at most the newest token. The cap still holds per layer: when
-a layer holds ``kv_heads * keep`` entries, every head evicts its least attended entry (never a sink)
-before it writes. State: each head's policy (``layer.extra``) and one float per entry (its mass,
+a layer holds ``kv_heads * keep`` entries, every head evicts its least attended entry before it
+writes, never a sink and, while older entries remain, none of the recent ``local`` share (as H2O
+keeps a recent window: a new token has had few queries to gather mass). State: each head's policy (``layer.extra``) and one float per entry (its mass,
 ``+inf`` for special and punctuation entries), both counted in ``bytes_kept``. ``phase="prefill"``
 (the default) appends generated tokens to every head, as before.
 """
@@ -231,7 +232,11 @@ class FastGenCompressor(Compressor):
         at_cap = layer.lengths.sum(dim=-1) >= ctx.keep.to(pos.device) * pos.shape[1]  # [B]
         finite = mass.masked_fill(torch.isinf(mass), torch.finfo(torch.float32).max)
         worst_stray = finite.masked_fill(~stray, float("inf")).argmin(dim=-1)  # [B, H]
-        worst = finite.masked_fill(~valid | sink, float("inf"))
+        # at the cap: the least attended entry outside the sinks and the recent share (new tokens have
+        # had few queries to gather mass; without this a capped head would drop each one at once)
+        worst = finite.masked_fill(~valid | sink | local, float("inf"))
+        older = torch.isfinite(worst).any(dim=-1, keepdim=True)
+        worst = torch.where(older, worst, finite.masked_fill(~valid | sink, float("inf")))
         has_stray, evictable = stray.any(dim=-1), torch.isfinite(worst).any(dim=-1)
         victim = torch.where(has_stray, worst_stray, worst.argmin(dim=-1))
         full = has_stray | (at_cap[:, None] & evictable)
