@@ -83,6 +83,27 @@ def test_prefill_keeps_what_the_last_prompt_queries_attend(llama):
     assert torch.equal(kept, top)
 
 
+def test_both_phases_keep_the_latest_prompt_queries_for_decoding(llama):
+    comp = make_compressor("alisa", budget=16, phase="both", queries=4)
+    engine = Engine(llama, ToyTokenizer(), comp)
+    with engine.adapter.attached():
+        cache, last = engine.prepare(Segments(prompt_ids(40, seed=3), []))
+        for layer in cache.layers:  # compressed to the budget, the prompt's last 4 queries still there
+            assert layer.extra["alisa_pos"].tolist() == [[36, 37, 38, 39]]
+        before = [layer.view()[2][0].clone() for layer in cache.layers]
+        pos = torch.tensor([[cache.seen[0]]])
+        engine.adapter.forward(last.argmax(-1, keepdim=True), pos, ForwardContext(cache, pos, comp, phase="decode"))
+    for layer, old in zip(cache.layers, before):
+        for head in range(old.shape[0]):  # the evicted entry is the least attended, not the oldest
+            gone = set(old[head].tolist()) - set(layer.view()[2][0, head].tolist())
+            assert len(gone) == 1
+    assert any(0 in set(layer.view()[2][0, h].tolist()) for layer in cache.layers for h in range(2))
+    prefill_only = Engine(llama, ToyTokenizer(), make_compressor("alisa", budget=16, queries=4))
+    with prefill_only.adapter.attached():
+        cache, _ = prefill_only.prepare(Segments(prompt_ids(40, seed=3), []))
+    assert all("alisa_q" not in layer.extra for layer in cache.layers)  # no state kept that nothing reads
+
+
 def _last_queries(engine, ids):
     """The post-RoPE queries of layer 0 for the last 4 prompt tokens, recorded by a probe observer."""
     probe = make_compressor("alisa", ratio=0.5, queries=4)

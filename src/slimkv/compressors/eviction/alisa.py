@@ -67,6 +67,16 @@ class ALISACompressor(Compressor):
         layer.extra[QUERIES] = q[:, :, -self.queries :].contiguous()
         layer.extra[QUERY_POSITIONS] = pos[:, -self.queries :].contiguous()
 
+    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
+        """Compress as every method does; when decoding follows (``phase="both"``), the latest queries
+        stay: they are still the latest, and without them the first steps would evict the oldest
+        entries, the attention sinks among them."""
+        latest = {k: layer.extra[k] for k in (QUERIES, QUERY_POSITIONS) if k in layer.extra}
+        out = super().compress(layer, ctx, merger)
+        if self.active("decode"):
+            (out if out is not None else layer).extra.update(latest)
+        return out
+
     def recent_attention(self, layer: KVLayer) -> Tensor:
         """Attention the latest queries paid to every slot, summed over them and their group: [B, H, L]."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
