@@ -17,7 +17,7 @@ Both are asserted at every step (the run stops with an error if one fails). The 
 bytes a full-cache layer of 256 entries holds (``none`` after a 256-token prefill), so the method's own
 state shows as the difference, and the full cache's bytes at the end (1,536 tokens).
 
-    OMP_NUM_THREADS=1 python benchmarks/decode_budget.py [--methods ...] [--prompt 512] [--new-tokens 1024] [--budget 256]
+    OMP_NUM_THREADS=1 python benchmarks/decode_budget.py [--methods ...] [--prompt 512] [--new-tokens 1024] [--budget 256] [--update]
 
 Results go to benchmarks/results/decode_budget.{json,md} with the command that made them.
 """
@@ -115,6 +115,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--budget", type=int, default=256, help="entries per layer and KV head")
     p.add_argument("--out", default=str(RESULTS / "decode_budget"))
+    p.add_argument("--update", action="store_true",
+                   help="re-measure only --methods; keep the other methods' rows (and commands) of the existing results")
     args = p.parse_args()
     model, tokenizer = slimkv.load_model()
     engine = Engine(model, tokenizer)
@@ -126,10 +128,17 @@ def main() -> int:
         rows.append(row)
         print(f"{name}: max entries {row['max_entries']}, max bytes {row['max_bytes']:,} "
               f"({row['max_bytes'] / ref:.3f} of a {args.budget}-entry full cache), {row['seconds']} s", file=sys.stderr)
-    command = "OMP_NUM_THREADS=1 python benchmarks/decode_budget.py " + " ".join(sys.argv[1:])
+    command = ("OMP_NUM_THREADS=1 python benchmarks/decode_budget.py " + " ".join(sys.argv[1:])).strip()
+    commands = [command]
+    out = Path(args.out)
+    if args.update and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        done = {r["method"] for r in rows}
+        rows = sorted([r for r in old["rows"] if r["method"] not in done] + rows, key=lambda r: r["method"])
+        commands = old.get("commands", [old.get("command", "")]) + commands
     lines = [
         "# Generation within a fixed budget", "",
-        f"Command: `{command}`", "",
+        "Commands: " + "; ".join(f"`{c}`" for c in commands), "",
         (f"{args.new_tokens} greedy tokens after a {args.prompt}-token prompt (held-out Bible text), "
         f"`budget={args.budget}`, `phase=\"both\"`; embedded SmolLM2-135M, fp32, CPU. Checked after every "
         "step (the run fails otherwise): no layer or KV head holds more than the budget (FastGen: no layer more "
@@ -145,9 +154,8 @@ def main() -> int:
         at = "-" if r["entry_bytes_at_budget"] is None else f"{r['entry_bytes_at_budget']:,}"
         lines.append(f"| {r['method']} | {r['max_entries']} | {r['max_mean_entries']} | {r['bytes_after_prefill']:,} | {at} | {r['state_bytes']:,} | "
                      f"{r['max_bytes']:,} | {r['max_bytes'] / ref:.3f} | {r['seconds']} |")
-    out = Path(args.out)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "reference_bytes": ref, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "reference_bytes": ref, "rows": rows}, indent=1))
     print("\n".join(lines))
     return 0
 
