@@ -96,11 +96,12 @@ def table(kv_rows: list[dict], sk_rows: list[dict], tasks: list[str], lengths: l
         c["slimkv_s"].append(r["seconds"])
         c["slimkv_kv"].append(r["bytes_kept"] / r["bytes_full"])
 
-    out, data = ["# slimkv vs kvpress", "", f"Command: `{command}`", "",
-                 ("Scores: fraction of the expected strings found in the answer, per prompt length, on identical "
-                 "samples (token ids); a cell counts only the samples both libraries answered. KV: bytes held after the compressed prefill as a share of the full "
-                 "cache's key and value bytes (slimkv counts its position ids and free slots too). Seconds: "
-                 "per sample and configuration."), ""]
+    data: list[dict] = []
+    out = ["# slimkv vs kvpress", "", f"Command: `{command}`", "",
+           ("Scores: fraction of the expected strings found in the answer, per prompt length, on identical "
+            "samples (token ids); a cell counts only the samples both libraries answered. KV: bytes held "
+            "after the compressed prefill as a share of the full cache's key and value bytes (slimkv counts "
+            "its position ids and free slots too). Seconds: per sample and configuration."), ""]
     head = "| method | ratio | " + " | ".join(f"{n} kvpress | {n} slimkv" for n in lengths) + \
         " | mean kvpress | mean slimkv | KV kvpress | KV slimkv | s kvpress | s slimkv | samples |"
     rule = "|---|---:|" + "---:|---:|" * len(lengths) + "---:|---:|---:|---:|---:|---:|---:|"
