@@ -205,6 +205,7 @@ def survival(engine: Engine, sample: EvalSample, specs: list[ProbeSpec]) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="needle", help="needle (default) or another task, e.g. multikey")
     p.add_argument("--haystack", default="bible")
     p.add_argument("--lengths", default="1000,2000")
     p.add_argument("--samples", type=int, default=5)
@@ -236,9 +237,9 @@ def main() -> None:
     ratios = [float(r) for r in args.ratio.split(",")]
     specs = [parse(m, r, len(ratios) > 1) for r in ratios for m in args.methods.split(",")]
     for length in [int(x) for x in args.lengths.split(",")]:
-        samples = [EvalSample(task="needle", length=length, index=i, context=s.context, question=s.question,
+        samples = [EvalSample(task=args.task, length=length, index=i, context=s.context, question=s.question,
                               answers=tuple(s.answers), depth=s.depth)
-                   for i, s in enumerate(make_samples("needle", tokenizer, length, args.samples, seed=args.seed,
+                   for i, s in enumerate(make_samples(args.task, tokenizer, length, args.samples, seed=args.seed,
                                                       haystack=args.haystack))]
         if args.survival:
             print(json.dumps({"length": length, **survival(engine, samples[args.survival_sample], specs)}))
@@ -258,7 +259,7 @@ def main() -> None:
         per = len(specs) + 1
         labels = ["none", *[s.label for s in specs]]
         scores = {lab: [results[i].score for i in range(j, len(results), per)] for j, lab in enumerate(labels)}
-        print(json.dumps({"haystack": args.haystack, "length": length, "ratios": ratios,
+        print(json.dumps({"task": args.task, "haystack": args.haystack, "length": length, "ratios": ratios,
                           "samples": args.samples, "seconds": round(time.perf_counter() - t0, 1),
                           "scores": {k: round(sum(v) / len(v), 3) for k, v in scores.items()},
                           "per_sample": {k: v for k, v in scores.items()}}), flush=True)
