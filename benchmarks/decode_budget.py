@@ -30,13 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import slimkv
 from slimkv import compressors
 from slimkv.engine import Engine
-from slimkv.engine.forward import ForwardContext
+from slimkv.evals.fidelity import decode_step
 from slimkv.evals.haystacks import load_haystack
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,11 +62,8 @@ def run(engine: Engine, prompt: list[int], name: str, budget: int, steps: int) -
         headwise = comp is not None and comp.allocation == "head"
         for step in tqdm(range(steps), desc=name, unit="tok", leave=False):
             tokens.append(token)
-            pos = torch.tensor([[cache.seen[0]]], device=engine.adapter.device)
-            ctx = ForwardContext(cache, pos, comp, phase="decode")
-            logits = engine.adapter.forward(torch.tensor([[token]], device=engine.adapter.device), pos, ctx)[:, -1]
-            cache.seen[0] += 1
-            token = int(logits[0].argmax())
+            logp = decode_step(engine, cache, token, comp)  # [vocab]; generated punctuation flagged
+            token = int(logp.argmax())
             entries = max(layer.max_length for layer in cache.layers)
             per_head = max(int(layer.lengths.sum(-1).max()) for layer in cache.layers) / heads  # layer mean
             held = cache.stats().bytes_kept

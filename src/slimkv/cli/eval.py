@@ -280,11 +280,11 @@ def run_perplexity(args: argparse.Namespace) -> int:
         # a prefix longer than the budget is compressed first, as a generation's prompt would be
         return make_compressor(name, budget=args.budget, phase="both" if args.prefix > 1 else "decode")
 
+    if args.prefix < 1:
+        raise InputError(f"--prefix must be at least 1 token, got {args.prefix}")
     names = _names(args.compressors)
     comps = {n: build(n) for n in names}
     engine, tokenizer = _engine(args)
-    if args.prefix < 1:
-        raise InputError(f"--prefix must be at least 1 token, got {args.prefix}")
     tokens = _text_tokens(tokenizer, args.haystack, args.tokens + args.prefix, args.offset)
     rows = [perplexity(engine, tokens, comp, name, prefix=args.prefix) for name, comp in comps.items()]
     if args.json:

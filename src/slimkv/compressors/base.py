@@ -96,6 +96,9 @@ class Compressor:
     needs_key_mass: ClassVar[bool] = False
     needs_punctuation: ClassVar[bool] = False  # observe() reads ctx.punctuation (FastGen)
     decodes_per_head: ClassVar[bool] = False  # make_room follows per-head rules (FastGen): head-wise allocation may decode
+    #: ``layer.extra`` entries that outlive a compression when the decode phase follows (ALISA's latest
+    #: queries, FastGen's per-head policies); every other entry is prefill state and is dropped
+    decode_state: ClassVar[tuple[str, ...]] = ()
     excludes: ClassVar[bool] = False  # score() gives -inf to entries never kept, even under budget
     quantizes: ClassVar[bool] = False  # stores entries in fewer bits (see ``quantization/``)
 
@@ -212,12 +215,19 @@ class Compressor:
         assert layer.lengths is not None
         keep = ctx.keep.to(layer.lengths.device)[:, None]  # [B, 1]
         if bool((layer.lengths <= keep).all()):
-            layer.extra.clear()
+            self.drop_state(layer)
             return
         indices, lengths = self.select(layer, ctx)
         (merger or self).merge(layer, ctx, indices, lengths)
         layer.keep(indices, lengths)
+        self.drop_state(layer)
+
+    def drop_state(self, layer: KVLayer) -> None:
+        """Free what observing the prompt left in ``layer.extra``, but the ``decode_state`` entries
+        when this method also acts while decoding."""
+        kept = {k: layer.extra[k] for k in self.decode_state if k in layer.extra} if self.active("decode") else {}
         layer.extra.clear()
+        layer.extra.update(kept)
 
     def _compress_heads(self, layer: KVLayer, ctx: ScoreContext,
                         merger: Compressor | None = None) -> KVLayer | None:
@@ -229,7 +239,7 @@ class Compressor:
         keep = ctx.keep.to(layer.lengths.device)  # [B]
         total = keep * layer.lengths.shape[1]
         if bool((layer.lengths.sum(dim=-1) <= total).all()) and not self.excludes:
-            layer.extra.clear()
+            self.drop_state(layer)
             return None
         scores = self.score(layer, ctx).float().masked_fill(~layer.valid_mask(), float("-inf"))
         lengths, indices = allocate_heads(scores, total, (keep.double() * self.floor).long())
@@ -239,7 +249,7 @@ class Compressor:
                                  "merge on the first compression")
             (merger or self).merge(layer, ctx, indices, lengths)
         layer.keep(indices, lengths)
-        layer.extra.clear()
+        self.drop_state(layer)
         if isinstance(layer, RaggedLayer) or not pages_pay(lengths):
             return None  # (equal or nearly equal heads: padding costs less than pages)
         return RaggedLayer.from_layer(layer)

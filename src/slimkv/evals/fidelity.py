@@ -46,7 +46,7 @@ class Perplexity:
     bytes_full: int = 0
 
 
-def _step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
+def decode_step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
     """One decode step of a one-sequence cache; returns log-probabilities [vocab]."""
     pos = torch.tensor([[cache.seen[0]]], device=engine.adapter.device)
     ctx = ForwardContext(cache, pos, comp, phase="decode", punctuation=engine.punctuation([token], (comp,)))
@@ -65,14 +65,14 @@ def fidelity(engine: Engine, prompt: list[int], methods: dict[str, Compressor], 
         ref_logp, tokens = [last], []
         for _ in range(steps):
             tokens.append(int(ref_logp[-1].argmax()))
-            ref_logp.append(_step(engine, full, tokens[-1], None))
+            ref_logp.append(decode_step(engine, full, tokens[-1], None))
         out = []
         for name, comp in methods.items():
             cache = base.clone()
             engine.with_compressor(comp).compress(cache, "prefill")
             logp = [last]
             for t in tokens[:-1]:
-                logp.append(_step(engine, cache, t, comp))
+                logp.append(decode_step(engine, cache, t, comp))
             agree, kls, first = 0, [], None
             for i, (ref, got) in enumerate(zip(ref_logp[:steps], logp)):
                 same = int(got.argmax()) == tokens[i]
@@ -106,7 +106,7 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
             engine.with_compressor(comp).compress(cache, "prefill")
         for t in tokens[prefix:]:
             nll -= float(logp[t])
-            logp = _step(engine, cache, t, comp)
+            logp = decode_step(engine, cache, t, comp)
             peak = max(peak, max(layer.max_length for layer in cache.layers))
         stats = cache.stats()
     count = len(tokens) - prefix

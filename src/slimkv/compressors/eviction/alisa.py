@@ -48,6 +48,9 @@ class ALISACompressor(Compressor):
     paper = ("Zhao et al., ALISA: Accelerating Large Language Model Inference via Sparsity-Aware KV Caching, "
              "ISCA 2024, arXiv:2403.17312")
     supported_phases = ("prefill", "decode")
+    # the latest queries are still the latest after a compression; without them the first decode
+    # steps would evict the oldest entries, the attention sinks among them
+    decode_state = (QUERIES, QUERY_POSITIONS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,16 +69,6 @@ class ALISACompressor(Compressor):
             pos = torch.cat([layer.extra[QUERY_POSITIONS], pos], dim=1)
         layer.extra[QUERIES] = q[:, :, -self.queries :].contiguous()
         layer.extra[QUERY_POSITIONS] = pos[:, -self.queries :].contiguous()
-
-    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
-        """Compress as every method does; when decoding follows (``phase="both"``), the latest queries
-        stay: they are still the latest, and without them the first steps would evict the oldest
-        entries, the attention sinks among them."""
-        latest = {k: layer.extra[k] for k in (QUERIES, QUERY_POSITIONS) if k in layer.extra}
-        out = super().compress(layer, ctx, merger)
-        if self.active("decode"):
-            (out if out is not None else layer).extra.update(latest)
-        return out
 
     def recent_attention(self, layer: KVLayer) -> Tensor:
         """Attention the latest queries paid to every slot, summed over them and their group: [B, H, L]."""

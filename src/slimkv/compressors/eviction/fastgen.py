@@ -39,9 +39,10 @@ the paper does. Before each new token is written, a head evicts an entry its pol
 A head holds its policy's entries plus at most the newest token. The cap still holds per layer: when
 a layer holds ``kv_heads * keep`` entries, every head evicts its least attended entry before it
 writes, never a sink and, while older entries remain, none of the recent ``local`` share (as H2O
-keeps a recent window: a new token has had few queries to gather mass). State: each head's policy (``layer.extra``) and one float per entry (its mass,
+keeps a recent window: a new token has had few queries to gather mass). State: each head's policy
+(``layer.extra``, kept through compression as ``decode_state``) and one float per entry (its mass,
 ``+inf`` for special and punctuation entries), both counted in ``bytes_kept``. ``phase="prefill"``
-(the default) appends generated tokens to every head, as before.
+(the default) appends generated tokens to every head.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class FastGenCompressor(Compressor):
     needs_punctuation = True
     excludes = True
     decodes_per_head = True
+    decode_state = (POLICY,)
     state: ClassVar[str] = "fastgen"  # ``layer.extra`` prefix of the observed window (SnapKV's observe)
 
     def __post_init__(self) -> None:
@@ -129,12 +131,11 @@ class FastGenCompressor(Compressor):
 
     def _follow(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor) -> None:
         """After profiling: add this pass's attention to every entry's mass; mark new punctuation."""
-        state = layer.new_slot_state(MASS)
-        length = layer.view()[2].shape[-1]
+        _, _, positions = layer.view()  # [B, H, L]
+        state, length = layer.new_slot_state(MASS), positions.shape[-1]
         state[:, :, :length] += sampled_mass(layer, query, query_positions, 1)
         if ctx.punctuation is None:
             return
-        _, _, positions = layer.view()  # [B, H, L]
         first = query_positions[:, :1, None]  # [B, 1, 1]: this pass's tokens sit at first..first+T-1
         offset = (positions.long() - first).clamp(min=0, max=ctx.punctuation.shape[1] - 1)
         flags = ctx.punctuation.to(torch.bool)[:, None].expand(-1, positions.shape[1], -1)  # [B, H, T]
@@ -192,19 +193,16 @@ class FastGenCompressor(Compressor):
         if not self.active("decode"):
             return super().compress(layer, ctx, merger)
         if POLICY in layer.extra:
-            policy = layer.extra[POLICY]
-            layer.extra.clear()
-            layer.extra[POLICY] = policy
+            self.drop_state(layer)
             return None
         if not layer.initialized:
             return None
         choice, member, mass, protected = self._profile(layer, ctx)
         length = mass.shape[-1]
         layer.new_slot_state(MASS)[:, :, :length] = mass.float().masked_fill(protected, float("inf"))
-        layer.extra[PROFILE] = torch.stack([member.float(), mass.float()])
-        out = super().compress(layer, ctx, merger)  # keeps each head's policy (the mass moves along)
-        (out if out is not None else layer).extra[POLICY] = choice
-        return out
+        layer.extra[PROFILE] = torch.stack([member.float(), mass.float()])  # score() reads it
+        layer.extra[POLICY] = choice  # outlives the compression (decode_state); the mass moves along
+        return super().compress(layer, ctx, merger)
 
     def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
         """Per head: evict an entry its policy does not hold; at the layer's cap, its least attended one."""
