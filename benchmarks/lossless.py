@@ -32,7 +32,7 @@ import torch
 import slimkv
 from slimkv.engine import Engine, GenerationConfig, LosslessConfig, Segments
 from slimkv.evals.haystacks import load_haystack
-from slimkv.spec.datastore import Datastore, tokenizer_fingerprint
+from slimkv.speculative.datastore import Datastore, tokenizer_fingerprint
 
 RESULTS = Path(__file__).parent / "results"
 CODE_FILE = Path(slimkv.__file__).parent / "compressors" / "base.py"

@@ -8,15 +8,15 @@ import logging
 import pytest
 import torch
 
-import slimkv.spec.loop as spec_loop
+import slimkv.speculative.loop as spec_loop
 from slimkv.compressors import make_compressor, method_info, names
 from slimkv.engine import Engine, GenerationConfig, LosslessConfig, SamplingConfig, Segments
 from slimkv.engine.forward import ForwardContext
 from slimkv.errors import ConfigError, InputError
-from slimkv.spec.datastore import Datastore, suffix_array
-from slimkv.spec.drafters import NgramIndex
-from slimkv.spec.dual import DiskFullView, FullViewUnavailable, MemoryFullView
-from slimkv.spec.verify import accepts, recovered
+from slimkv.speculative.datastore import Datastore, suffix_array
+from slimkv.speculative.drafters import NgramIndex
+from slimkv.speculative.dual import DiskFullView, FullViewUnavailable, MemoryFullView
+from slimkv.speculative.verify import accepts, recovered
 
 from .conftest import ToyTokenizer, prompt_ids, tiny_model
 
@@ -113,8 +113,8 @@ def test_greedy_lossless_with_a_question_after_compression(peaked):
 
 def test_commit_writes_the_exact_full_kv_into_the_draft_view(peaked):
     from slimkv.engine.sampling import Sampler
-    from slimkv.spec.drafters import DraftRequest, SelfDrafter
-    from slimkv.spec.dual import prepare_dual
+    from slimkv.speculative.drafters import DraftRequest, SelfDrafter
+    from slimkv.speculative.dual import prepare_dual
 
     engine = Engine(peaked, ToyTokenizer(), make_compressor("knorm", ratio=0.5))
     ids = prompt_ids(40)
@@ -170,7 +170,7 @@ def test_tier_failure_falls_back_to_full_cache_decoding(peaked, monkeypatch, cap
     reference = Engine(peaked, tok).generate(Segments(prompt_ids(60), []), GREEDY).token_ids
     monkeypatch.setattr(spec_loop, "make_full_view", lambda spec: FailingView(reads))
     engine = Engine(peaked, tok, make_compressor("knorm", ratio=0.875))
-    with caplog.at_level(logging.WARNING, logger="slimkv.spec.loop"):
+    with caplog.at_level(logging.WARNING, logger="slimkv.speculative.loop"):
         result = engine.generate(Segments(prompt_ids(60), []), lossless("self"))
     assert result.spec.fallback
     assert "full view unreadable" in caplog.text
@@ -280,7 +280,7 @@ def test_datastore_round_trip_and_draft(tmp_path):
 
 
 def test_rest_drafter_is_lossless_and_accepts_from_its_corpus(peaked, tmp_path):
-    from slimkv.spec.datastore import tokenizer_fingerprint
+    from slimkv.speculative.datastore import tokenizer_fingerprint
 
     tok = ToyTokenizer()
     ids = prompt_ids(30, seed=9)

@@ -42,7 +42,7 @@ def attend_rows(
     query_positions: [B, T]
     valid:           [B, H, L] bool or None when every slot of the view holds an entry
     tree:            [T, T] bool or None: which of this pass's tokens each new token sees (a token
-                     tree being verified, ``spec/tree.py``; needs ``valid`` None and ``new_tokens == T``);
+                     tree being verified, ``speculative/tree.py``; needs ``valid`` None and ``new_tokens == T``);
                      None = causal by position
     Returns (output [B, Hq, T, D], key mass [B, H, L] float32 or None).
     """

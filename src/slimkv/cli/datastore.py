@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from ..models import load_model
-    from ..spec.datastore import Datastore, tokenizer_fingerprint
+    from ..speculative.datastore import Datastore, tokenizer_fingerprint
 
     texts = [read_text(f, "corpus file") for f in args.files]
     if not any(t.strip() for t in texts):

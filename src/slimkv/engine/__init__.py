@@ -1,6 +1,6 @@
 """Prefill, decode steps, sampling and the generation loop over slimkv's cache."""
 
-from .generate import Engine
+from .engine import Engine
 from .loop import Generation
 from .results import GenerationConfig, GenerationResult, LosslessConfig, SpecStats, TextDelta, Timing
 from .prompts import Request, Segments

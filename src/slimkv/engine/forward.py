@@ -37,7 +37,7 @@ class ForwardContext:
                Several observers let one prefill serve several methods (compress once per method,
                prefill once per prompt).
     tree: [tokens, tokens] bool, which of this pass's tokens each one sees, for verifying a token
-          tree (``spec/tree.py``); None = causal by position
+          tree (``speculative/tree.py``); None = causal by position
     """
 
     cache: SlimCache

@@ -22,7 +22,7 @@ from .reuse import ReuseStats
 from .sampling import Sampler
 
 if TYPE_CHECKING:
-    from .generate import Engine
+    from .engine import Engine
 
 ProgressFn = Callable[[int, int], None]
 

@@ -12,7 +12,7 @@ from .sampling import SamplingConfig
 
 @dataclass(frozen=True)
 class LosslessConfig:
-    """Lossless decoding: draft cheaply, verify against the full cache (``slimkv.spec``).
+    """Lossless decoding: draft cheaply, verify against the full cache (``slimkv.speculative``).
 
     drafter: "self" (the compressed cache drafts), "prompt" (n-gram lookup in the prompt and the
              text so far), "rest:PATH" (a REST datastore built by ``slimkv datastore build``), or

@@ -32,7 +32,7 @@ class Verdict:
 
     accepted: how many draft tokens were accepted (a prefix of the draft)
     next_token: the verifier's own token after them (recovered or bonus)
-    path: for a token tree, the draft indices of the accepted tokens (``spec/tree.py``); None for a chain
+    path: for a token tree, the draft indices of the accepted tokens (``speculative/tree.py``); None for a chain
     """
 
     accepted: int

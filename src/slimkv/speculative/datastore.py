@@ -3,12 +3,12 @@
 After He et al., "REST: Retrieval-Based Speculative Decoding" (NAACL 2024, arXiv:2311.08252): find
 the longest suffix of the current text that occurs in the corpus, collect the continuations that
 follow its occurrences, and draft from them. :meth:`Datastore.tree` gives REST's token tree (the
-best-supported nodes of the continuations' trie, verified together, ``spec/tree.py``);
+best-supported nodes of the continuations' trie, verified together, ``speculative/tree.py``);
 :meth:`Datastore.draft` its most frequent path (at each depth, the token most of the
 still-consistent continuations take), verified like any chain draft.
 
 Contract: ``slimkv datastore build FILES... --out PATH`` calls :func:`Datastore.build` then
-:meth:`Datastore.save`; :class:`~slimkv.spec.drafters.RestDrafter` calls :meth:`Datastore.load` once
+:meth:`Datastore.save`; :class:`~slimkv.speculative.drafters.RestDrafter` calls :meth:`Datastore.load` once
 and :meth:`Datastore.tree` (or :meth:`Datastore.draft`) once per round.
 
 File (a :mod:`slimkv.store.frame` envelope, blake2b-checked, no pickle): the JSON header holds the

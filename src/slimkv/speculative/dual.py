@@ -5,7 +5,7 @@ cheap reads of the compressed cache; every verification reads the full cache, an
 verify pass computed for the accepted tokens is written into *both* views, so the draft view never
 drifts from what full-cache decoding would hold (it only lacks the evicted entries).
 
-Contract (the lossless loop, ``spec/loop.py``, is the only caller):
+Contract (the lossless loop, ``speculative/loop.py``, is the only caller):
 
 1. :func:`prepare_dual` prefills the prompt once into a full cache (letting the compressor observe),
    compresses a copy into the draft view, and moves the full cache into its :class:`FullView`.
@@ -176,7 +176,7 @@ class DualCache:
     def verify(self, adapter, tokens: list[int], parents: list[int] | None = None) -> Tensor:
         """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``.
 
-        parents: the draft as a token tree (``spec/tree.py``; indices into ``tokens[1:]``), or None for
+        parents: the draft as a token tree (``speculative/tree.py``; indices into ``tokens[1:]``), or None for
                  a chain. Tree tokens sit at ``seen + depth`` and see only their ancestors.
         """
         cache = self._verified = self.full.cache()

@@ -1,6 +1,6 @@
 """Drafters: where the tokens a verify pass checks come from.
 
-Contract: the lossless loop (``spec/loop.py``) calls :meth:`Drafter.propose` once per round, after
+Contract: the lossless loop (``speculative/loop.py``) calls :meth:`Drafter.propose` once per round, after
 :meth:`DualCache.begin` and before the verify pass, with the text so far (prompt + generated ids,
 ending with the pending token whose KV is not cached yet) and the most tokens it may draft. A drafter
 returns a :class:`Draft` (possibly empty) and must leave nothing in the caches but appends to the
@@ -15,7 +15,7 @@ Drafters here:
   earlier in the prompt or the output proposes the tokens that followed it. Free: no forward pass.
 * :class:`RestDrafter` - REST (He et al., "REST: Retrieval-Based Speculative Decoding", NAACL 2024,
   arXiv:2311.08252): the longest suffix of the text found in a datastore over a corpus proposes the
-  most frequent continuation (``spec/datastore.py``).
+  most frequent continuation (``speculative/datastore.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Draft:
     probs: [k, vocab] the distribution each token was sampled from (sampled self-drafts); None when
            the draft is deterministic (greedy self-drafts, lookups)
     match: tokens of the text a lookup matched (0 for self-drafts)
-    parents: a token tree (``spec/tree.py``): the parent index of every token, -1 for the pending
+    parents: a token tree (``speculative/tree.py``): the parent index of every token, -1 for the pending
              token; None for a chain (each token follows the previous one)
     """
 
@@ -171,7 +171,7 @@ class PromptLookupDrafter(Drafter):
 class RestDrafter(Drafter):
     """REST: the continuations of the longest suffix found in a datastore, as a token tree.
 
-    store: a loaded :class:`~slimkv.spec.datastore.Datastore`; max_suffix: longest suffix tried
+    store: a loaded :class:`~slimkv.speculative.datastore.Datastore`; max_suffix: longest suffix tried
     min_match: shortest suffix match worth a draft (a 1-token match mostly proposes noise, and a
                rejected draft still costs its verify pass)
     tree_nodes: draft tokens of the tree (its best-supported trie nodes, all verified in one pass);

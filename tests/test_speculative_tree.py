@@ -10,8 +10,8 @@ from slimkv.compressors import make_compressor
 from slimkv.engine import Engine, GenerationConfig, LosslessConfig, SamplingConfig, Segments
 from slimkv.engine.forward import ForwardContext
 from slimkv.engine.sampling import Sampler
-from slimkv.spec.datastore import Datastore, tokenizer_fingerprint
-from slimkv.spec.tree import accept_tree_greedy, accept_tree_sampled, build_tree, depths, visibility
+from slimkv.speculative.datastore import Datastore, tokenizer_fingerprint
+from slimkv.speculative.tree import accept_tree_greedy, accept_tree_sampled, build_tree, depths, visibility
 
 from .conftest import ToyTokenizer, prompt_ids
 from .test_lossless import CHI2_999, peaked  # noqa: F401 (a fixture)

@@ -193,7 +193,7 @@ class Engine:
             raise InputError("no request to generate for")
         config = config or GenerationConfig()
         if config.lossless is not None:
-            from ..spec.loop import LosslessGeneration
+            from ..speculative.loop import LosslessGeneration
 
             return LosslessGeneration(self, reqs, config, progress)
         return Generation(self, reqs, config, progress)
@@ -208,7 +208,7 @@ class Engine:
         """
         config = config or GenerationConfig()
         if config.lossless is not None:
-            from ..spec.loop import LosslessGeneration
+            from ..speculative.loop import LosslessGeneration
 
             gen: Generation = LosslessGeneration(self, [segments], config, None, prepared=[(cache, logits)])
         else:
