@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import attention
 from slimkv.cache.attention import attend_rows
 
@@ -34,8 +35,7 @@ def test_key_mass_and_output_match_dense_attention(monkeypatch, rows, cached):
     values = torch.randn(batch, heads, length, dim, generator=gen)
     positions = torch.arange(length)[None, None].expand(batch, heads, length)
     query_positions = torch.arange(cached, length)[None]
-    out, mass = attend_rows(query, keys, values, positions, query_positions, 0.3, valid=None,
-                            new_tokens=tokens, want_key_mass=True)
+    out, mass = attend_rows(query, keys, values, positions, AttentionMeta(query_positions, tokens, 0.3, key_mass=True))
     ref_out, ref_mass = dense(query, keys, values, positions, query_positions, 0.3)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import KVLayer
 from slimkv.cache.attention import attend_rows
 from slimkv.cache.vq import VQLayer
@@ -30,7 +31,10 @@ def model():
 
 
 def engine(model, name="commvq2", **kw):
-    return Engine(model, ToyTokenizer(), make_compressor(name, tokens=256, **kw))
+    """An engine with a bound CommVQ compressor (its codebooks fitted or loaded now)."""
+    eng = Engine(model, ToyTokenizer(), make_compressor(name, tokens=256, **kw))
+    eng.bind(eng.compressor)
+    return eng
 
 
 def books(stages=3, dim=HEAD_DIM, groups=2, seed=0):
@@ -119,7 +123,7 @@ def coded_layer(model, tokens=70, window=0):
     g = torch.Generator().manual_seed(5)
     keys, values = torch.randn(1, 2, tokens, HEAD_DIM, generator=g), torch.randn(1, 2, tokens, HEAD_DIM, generator=g)
     layer.append(keys, values, torch.arange(tokens)[None], exact=True)
-    return eng.compressor.quantize_layer(layer, 0), keys, values
+    return eng.compressor.quantize(layer, 0, eng.bind(eng.compressor)), keys, values
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -128,9 +132,9 @@ def test_decode_attention_from_codes_equals_attention_on_decoded_entries(model, 
     layer.append(torch.randn(1, 2, 1, HEAD_DIM), torch.randn(1, 2, 1, HEAD_DIM), torch.tensor([[70]]))
     assert layer.quantized_length == 70 - window and layer.residual.max_length == window + 1
     query = torch.randn(1, 4, 1, HEAD_DIM)
-    got, _ = layer.attend(query, torch.tensor([[70]]), 0.2, new_tokens=1)
+    got, _ = layer.attend(query, AttentionMeta(torch.tensor([[70]]), 1, 0.2))
     keys, values, positions = layer.view()
-    ref, _ = attend_rows(query, keys, values, positions, torch.tensor([[70]]), 0.2, valid=None, new_tokens=1)
+    ref, _ = attend_rows(query, keys, values, positions, AttentionMeta(torch.tensor([[70]]), 1, 0.2))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -144,7 +148,7 @@ def test_layer_bytes_and_decode_time_coding(model):
     for t in range(70, 70 + 32 + 16 + 1):  # group 32 waits in full precision, plus the rollback slack
         layer.append(torch.randn(1, 2, 1, HEAD_DIM), torch.randn(1, 2, 1, HEAD_DIM), torch.tensor([[t]]))
     assert layer.quantized_length == 70 + 32 and layer.residual.max_length == 17
-    assert layer.positions()[0, 0].tolist() == list(range(70 + 49))
+    assert layer.positions[0, 0].tolist() == list(range(70 + 49))
     layer.truncate(layer.lengths - 3)
     assert layer.max_length == 116
 
@@ -162,8 +166,7 @@ def test_quantizer_settings_are_checked_at_configuration_time():
 # ---------------------------------------------------------------------- engine, calibration cache
 def test_prefill_codes_every_entry_in_two_bits(model):
     eng = engine(model)
-    with eng.adapter.attached():
-        cache, _ = eng.prepare(Segments(prompt_ids(256), []))
+    cache, _ = eng.prepare(Segments(prompt_ids(256), []))
     spec = eng.adapter.spec
     stats = cache.stats()
     assert all(isinstance(layer, VQLayer) for layer in cache.layers) and stats.tokens_kept == 256
@@ -191,7 +194,7 @@ def test_calibration_is_cached_reused_and_rebuilt_when_corrupt(model, tmp_path, 
     files[0].write_bytes(bytes(data))
     again = engine(model, cache_dir=str(tmp_path))
     assert len(calls) == 2 and cal.load(files[0]) is not None  # refitted and rewritten
-    for a, b in zip(first.compressor._books, again.compressor._books):
+    for a, b in zip(first.bind(first.compressor), again.bind(again.compressor)):
         assert torch.equal(a.k_alpha, b.k_alpha)  # a deterministic fit
     engine(model, "commvq1", cache_dir=str(tmp_path))  # other settings: their own file
     assert len(calls) == 3 and len(list(tmp_path.glob("*.pt"))) == 2

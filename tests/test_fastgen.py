@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from slimkv import compressors
-from slimkv.compressors.eviction.fastgen import POLICY
+from slimkv.compressors.eviction.fastgen import FastGenState
 from slimkv.engine import Engine, GenerationConfig, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.engine.prompts import punctuation_table
 from slimkv.errors import ConfigError
 from slimkv.evals.fidelity import perplexity
@@ -29,11 +28,7 @@ def feed(engine: Engine, cache, tokens: list[int]) -> list[list[int]]:
     """Decode ``tokens`` one by one (teacher-forced); returns each step's largest row length per layer."""
     lengths = []
     for token in tokens:
-        pos = torch.tensor([[cache.seen[0]]])
-        ids = torch.tensor([[token]])
-        ctx = ForwardContext(cache, pos, engine.compressor, phase="decode", punctuation=engine.punctuation(ids))
-        engine.adapter.forward(ids, pos, ctx)
-        cache.seen[0] += 1
+        engine.runner.forward([engine.runner.row(cache, [token], engine.compressor, "decode")])
         lengths.append([int(layer.lengths.max()) for layer in cache.layers])
     return lengths
 
@@ -43,21 +38,23 @@ def kept_positions(layer, head: int) -> set[int]:
     return set(positions[0, head, : int(layer.lengths[0, head])].tolist())
 
 
+def policies(engine: Engine, cache) -> list[FastGenState]:
+    return [states.get(engine.compressor.state_key, FastGenState) for states in cache.states]
+
+
 def prepared(engine: Engine, n: int = 60, policy: int | None = None):
-    with engine.adapter.attached():
-        cache, _ = engine.prepare(Segments(prompt_ids(n, seed=7), []))
+    cache, _ = engine.prepare(Segments(prompt_ids(n, seed=7), []))
     if policy is not None:  # give every head this policy, as if the prompt had chosen it
-        for layer in cache.layers:
-            layer.extra[POLICY] = torch.full_like(layer.extra[POLICY], policy)
+        for state in policies(engine, cache):
+            state.policy = torch.full_like(state.policy, policy)
     return cache
 
 
 def test_special_heads_keep_only_their_sinks_while_generating(llama):
     engine = fastgen_engine(llama, recovery=0.01)  # the sinks recover 1% of any head's attention
     cache = prepared(engine)
-    assert all(bool((layer.extra[POLICY] == 0).all()) for layer in cache.layers)
-    with engine.adapter.attached():
-        steps = feed(engine, cache, prompt_ids(30, seed=8))
+    assert all(bool((state.policy == 0).all()) for state in policies(engine, cache))
+    steps = feed(engine, cache, prompt_ids(30, seed=8))
     assert max(max(s) for s in steps) <= SINKS + 1  # the sinks, and the newest token (attended once)
     for layer in cache.layers:
         for head in range(layer.lengths.shape[1]):
@@ -77,8 +74,7 @@ def test_punctuation_heads_keep_generated_punctuation(llama):
     punct = [i for i in range(2, 128) if table[i]][:3]
     words = [i for i in range(2, 128) if not table[i]][:9]
     fed = [words[0], punct[0], words[1], words[2], punct[1], words[3], punct[2], words[4], words[5]]
-    with engine.adapter.attached():
-        feed(engine, cache, fed)
+    feed(engine, cache, fed)
     first = 60
     expected = {first + i for i, t in enumerate(fed) if t in punct}
     for layer in cache.layers:
@@ -93,9 +89,8 @@ def test_frequent_and_local_heads_hold_their_shares(llama):
     cache = prepared(engine, policy=3)  # the prompt kept only the sinks (special); now special+frequent+local
     table = punctuation_table(ToyTokenizer(), 128)
     words = [i for i in range(2, 128) if not table[i]]
-    with engine.adapter.attached():
-        feed(engine, cache, [words[i % len(words)] for i in range(40)])
-    seen = cache.seen[0]
+    feed(engine, cache, [words[i % len(words)] for i in range(40)])
+    seen = cache.seen
     recent = set(range(seen - math.ceil(seen * 0.2), seen))
     for layer in cache.layers:
         for head in range(layer.lengths.shape[1]):
@@ -110,12 +105,11 @@ def test_the_layer_cap_holds_with_every_head_full(llama):
     engine = fastgen_engine(llama, recovery=1.0, ratio=None, budget=24)
     cache = prepared(engine, n=40)
     heads = cache.layers[0].lengths.shape[1]
-    with engine.adapter.attached():
-        feed(engine, cache, prompt_ids(30, seed=10))
-    for layer in cache.layers:
-        assert bool((layer.extra[POLICY] == 4).all())
+    feed(engine, cache, prompt_ids(30, seed=10))
+    for layer, state in zip(cache.layers, policies(engine, cache)):
+        assert bool((state.policy == 4).all())
         assert int(layer.lengths.sum()) <= 24 * heads
-        seen = cache.seen[0]
+        seen = cache.seen
         recent = set(range(seen - math.ceil(seen * 0.1), seen))  # the local share (default 0.1)
         for head in range(heads):
             assert set(range(SINKS)) | recent <= kept_positions(layer, head)  # never evicted at the cap
@@ -135,7 +129,6 @@ def test_streaming_perplexity_profiles_the_prefix(llama):
     with pytest.raises(RuntimeError, match="compress the prompt first"):
         fresh = compressors.make_compressor("fastgen", budget=16, phase="both")
         layer_engine = Engine(llama, ToyTokenizer(), fresh)
-        with layer_engine.adapter.attached():
-            cache = layer_engine.new_cache()
-            layer_engine.prefill(cache, tokens[:30])
-            feed(layer_engine, cache, tokens[30:32])
+        cache = layer_engine.new_cache()
+        layer_engine.prefill(cache, tokens[:30])
+        feed(layer_engine, cache, tokens[30:32])

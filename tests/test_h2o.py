@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import KVLayer
 from slimkv.cache.attention import attend_rows
 from slimkv.compressors import make_compressor
@@ -28,8 +29,7 @@ def _pass(tokens: int = 50, heads: int = 2, groups: int = 3, dim: int = 8, seed:
 def test_stride_one_is_the_exact_mass_of_the_attention_pass():
     layer, query, qpos = _pass()
     keys, values, positions = layer.view()
-    _, exact = attend_rows(query, keys, values, positions, qpos, layer.scale, valid=None,
-                           new_tokens=50, want_key_mass=True)
+    _, exact = attend_rows(query, keys, values, positions, AttentionMeta(qpos, 50, layer.scale, key_mass=True))
     torch.testing.assert_close(sampled_mass(layer, query, qpos, 1), exact, rtol=1e-5, atol=1e-5)
 
 
@@ -38,8 +38,7 @@ def test_sampled_mass_keeps_the_total_and_finds_the_heavy_hitters(stride):
     layer, query, qpos = _pass(tokens=200)
     query[..., :] += 3 * layer.view()[0][:, :, 7:8].repeat_interleave(3, dim=1)  # every query likes key 7
     keys, values, positions = layer.view()
-    _, exact = attend_rows(query, keys, values, positions, qpos, layer.scale, valid=None,
-                           new_tokens=200, want_key_mass=True)
+    _, exact = attend_rows(query, keys, values, positions, AttentionMeta(qpos, 200, layer.scale, key_mass=True))
     est = sampled_mass(layer, query, qpos, stride)
     # every query's probabilities sum to 1, and the samples weigh for all 200 queries of 3 heads
     torch.testing.assert_close(est.sum(dim=-1), torch.full((1, 2), 600.0), rtol=1e-4, atol=1e-3)

@@ -19,7 +19,7 @@ from .conftest import ToyTokenizer, prompt_ids
 def test_sensitivity_is_measured_once_cached_and_remeasured_when_corrupt(llama, monkeypatch, caplog):
     engine = Engine(llama, ToyTokenizer())
     spec = make_compressor("kivi2").spec
-    first = kc.ensure_sensitivity(engine, spec)
+    first = kc.ensure_sensitivity(engine.runner, spec)
     assert len(first.nll_increase) == engine.adapter.spec.layers and first.probes == kc.DEFAULT_PROBES
     path = kc.sensitivity_path(engine.adapter.fingerprint(), spec)
     assert path.is_file()
@@ -29,10 +29,10 @@ def test_sensitivity_is_measured_once_cached_and_remeasured_when_corrupt(llama, 
 
     with monkeypatch.context() as mp:
         mp.setattr(kc, "measure", refuse)
-        assert kc.ensure_sensitivity(engine, spec) == first
+        assert kc.ensure_sensitivity(engine.runner, spec) == first
     path.write_text("{not json")
     with caplog.at_level(logging.WARNING):
-        again = kc.ensure_sensitivity(engine, spec)
+        again = kc.ensure_sensitivity(engine.runner, spec)
     assert "unreadable" in caplog.text and again == first  # deterministic: the same numbers
 
 
@@ -50,12 +50,12 @@ def test_probes_hide_a_random_span_and_copy_it():
 def test_wide_layers_store_keys_at_four_bits(llama):
     comp = make_compressor("kivi2", group=16)
     engine = Engine(llama, ToyTokenizer(), comp)
-    assert len(comp.wide_layers) == 1
-    with engine.adapter.attached():
-        cache, _ = engine.prepare(Segments(prompt_ids(64), []))
+    wide = engine.bind(comp)
+    assert len(wide) == 1
+    cache, _ = engine.prepare(Segments(prompt_ids(64), []))
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, QuantizedLayer)
-        assert layer.spec.kbits == (4 if i in comp.wide_layers else 2) and layer.spec.bits == 2
+        assert layer.spec.kbits == (4 if i in wide else 2) and layer.spec.bits == 2
     result = engine.generate(Segments(prompt_ids(64), []), GenerationConfig(max_new_tokens=3, ignore_eos=True))
     assert len(result.token_ids) == 3
 
@@ -90,8 +90,7 @@ def test_embedded_model_needs_wide_keys_in_layer_18_to_copy_the_needle():
     model, tokenizer = slimkv.load_model()
     wide = make_compressor("kivi2")
     engine = Engine(model, tokenizer)
-    wide.bind(engine)
-    assert wide.wide_layers == {18}
+    assert engine.bind(wide) == {18}
     samples = make_samples("needle", tokenizer, 1000, 5, seed=0)
     nll = {name: sum(_answer_nll(engine, comp, s, tokenizer) for s in (samples[0], samples[3], samples[4]))
            for name, comp in (("full", None), ("wide", wide), ("narrow", make_compressor("kivi2", wide_keys=0)))}
@@ -100,19 +99,13 @@ def test_embedded_model_needs_wide_keys_in_layer_18_to_copy_the_needle():
 
 def _answer_nll(engine, comp, sample, tokenizer) -> float:
     """Negative log-likelihood of the answer after the question, over a cache compressed after the context."""
-    from slimkv.engine.forward import ForwardContext
-
     context = tokenizer.encode(sample.context, add_special_tokens=False)
     rest = tokenizer.encode(sample.question, add_special_tokens=False)
     answer = tokenizer.encode(" " + sample.answers[0], add_special_tokens=False)
-    with engine.adapter.attached(), torch.inference_mode():
-        cache = engine.new_cache()
-        engine.prefill(cache, context)
-        if comp is not None:
-            engine.with_compressor(comp).compress(cache, "prefill")
-        ids = rest + answer
-        positions = torch.arange(len(context), len(context) + len(ids))[None]
-        logits = engine.adapter.forward(torch.tensor([ids]), positions,
-                                        ForwardContext(cache, positions, None, phase="prefill"), all_logits=True)
+    cache = engine.new_cache()
+    engine.prefill(cache, context)
+    if comp is not None:
+        engine.with_compressor(comp).compress(cache, "prefill")
+    logits = engine.runner.extend(cache, rest + answer, all_logits=True)
     logp = logits[0, len(rest) - 1 : -1].float().log_softmax(-1)
     return float(-logp.gather(1, torch.tensor(answer)[:, None]).sum())

@@ -8,10 +8,9 @@ import logging
 import pytest
 import torch
 
-import slimkv.speculative.loop as spec_loop
+import slimkv.speculative.lossless as spec_loop
 from slimkv.compressors import make_compressor, method_info, names
 from slimkv.engine import Engine, GenerationConfig, LosslessConfig, SamplingConfig, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.errors import ConfigError, InputError
 from slimkv.speculative.datastore import Datastore, suffix_array
 from slimkv.speculative.drafters import NgramIndex
@@ -38,27 +37,20 @@ def peaked():
 
 
 def _forward(engine, cache, tokens):
-    first = cache.seen[0]
-    positions = torch.arange(first, first + len(tokens))[None]
-    with engine.adapter.attached():
-        logits = engine.adapter.forward(torch.tensor([tokens]), positions,
-                                        ForwardContext(cache, positions, None, phase="decode"), all_logits=True)
-    cache.seen[0] += len(tokens)
-    return logits[0]
+    return engine.runner.forward([engine.runner.row(cache, tokens, None, "decode")], all_logits=True)[0]
 
 
 def test_rollback_leaves_the_cache_as_if_rejected_tokens_never_existed(llama):
     engine = Engine(llama, ToyTokenizer())
     cache = engine.new_cache()
-    with engine.adapter.attached():
-        engine.prefill(cache, prompt_ids(30))
+    engine.prefill(cache, prompt_ids(30))
     before = cache.clone()
     mark = cache.mark()
     _forward(engine, cache, [5, 6, 7, 8, 9])  # pending token + 4 drafts
     cache.rollback(mark, keep=2)  # keep the pending token and one accepted draft
     never = before.clone()
     _forward(engine, never, [5, 6])
-    assert cache.seen == never.seen == [32]
+    assert cache.seen == never.seen == 32
     for got, want, old in zip(cache.layers, never.layers, before.layers):
         assert torch.equal(got.lengths, want.lengths)
         k, v, p = got.view()
@@ -75,8 +67,7 @@ def test_rollback_leaves_the_cache_as_if_rejected_tokens_never_existed(llama):
 def test_truncate_refuses_to_grow(llama):
     engine = Engine(llama, ToyTokenizer())
     cache = engine.new_cache()
-    with engine.adapter.attached():
-        engine.prefill(cache, prompt_ids(8))
+    engine.prefill(cache, prompt_ids(8))
     layer = cache.layers[0]
     with pytest.raises(ValueError):
         layer.truncate(layer.lengths + 1)
@@ -112,24 +103,27 @@ def test_greedy_lossless_with_a_question_after_compression(peaked):
 
 
 def test_commit_writes_the_exact_full_kv_into_the_draft_view(peaked):
+    from slimkv.engine.prefill import PrefillJob
     from slimkv.engine.sampling import Sampler
     from slimkv.speculative.drafters import DraftRequest, SelfDrafter
-    from slimkv.speculative.dual import prepare_dual
+    from slimkv.speculative.dual import DualCache
 
-    engine = Engine(peaked, ToyTokenizer(), make_compressor("knorm", ratio=0.5))
+    comp = make_compressor("knorm", ratio=0.5)
+    engine = Engine(peaked, ToyTokenizer(), comp)
     ids = prompt_ids(40)
-    with engine.adapter.attached():
-        dual, logits = prepare_dual(engine, Segments(ids, []), MemoryFullView(), room=16)
-        before = [layer.max_length for layer in dual.draft.layers]
-        pending = int(logits.argmax())
-        dual.begin()
-        draft = SelfDrafter(k=4).propose(DraftRequest(ids + [pending], 4, dual, engine.adapter,
-                                                      Sampler(SamplingConfig())))
-        assert dual.draft.seen == [44]  # the drafts were appended to the draft view ...
-        dual.verify(engine.adapter, [pending, *draft.tokens])
-        dual.commit(3)  # ... and only the pending token and two drafts survive, with the full view's KV
+    job = PrefillJob(engine.runner, Segments(ids, []), comp, lossless=True)
+    job.run()
+    dual = DualCache(job.draft, MemoryFullView(), comp, engine.runner)
+    dual.open(job.cache, question=0, room=16)
+    before = [layer.max_length for layer in dual.draft.layers]
+    pending = int(job.logits.argmax())
+    dual.begin()
+    draft = SelfDrafter(k=4).propose(DraftRequest(ids + [pending], 4, dual, Sampler(SamplingConfig())))
+    assert dual.draft.seen == 44  # the drafts were appended to the draft view ...
+    dual.verify([pending, *draft.tokens])
+    dual.commit(3)  # ... and only the pending token and two drafts survive, with the full view's KV
     full = dual.full.cache()
-    assert full.seen == dual.draft.seen == [43]
+    assert full.seen == dual.draft.seen == 43
     for d, f, n in zip(dual.draft.layers, full.layers, before):
         assert d.max_length == n + 3 and f.max_length == 43
         dk, dv, dp = d.view()
@@ -170,7 +164,7 @@ def test_tier_failure_falls_back_to_full_cache_decoding(peaked, monkeypatch, cap
     reference = Engine(peaked, tok).generate(Segments(prompt_ids(60), []), GREEDY).token_ids
     monkeypatch.setattr(spec_loop, "make_full_view", lambda spec: FailingView(reads))
     engine = Engine(peaked, tok, make_compressor("knorm", ratio=0.875))
-    with caplog.at_level(logging.WARNING, logger="slimkv.speculative.loop"):
+    with caplog.at_level(logging.WARNING, logger="slimkv.speculative.lossless"):
         result = engine.generate(Segments(prompt_ids(60), []), lossless("self"))
     assert result.spec.fallback
     assert "full view unreadable" in caplog.text
@@ -181,8 +175,7 @@ def test_disk_view_that_disappears_is_a_tier_failure(peaked, tmp_path):
     view = DiskFullView(tmp_path)
     engine = Engine(peaked, ToyTokenizer())
     cache = engine.new_cache()
-    with engine.adapter.attached():
-        engine.prefill(cache, prompt_ids(10))
+    engine.prefill(cache, prompt_ids(10))
     view.open(cache, room=4)
     assert view.cache() is cache
     next(tmp_path.iterdir()).unlink()
@@ -255,7 +248,8 @@ def test_ngram_index_finds_the_most_recent_longest_match():
     index = NgramIndex(1, 3)
     history = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
     assert index.match(history) == (3, 7)  # [1, 2, 3] last seen followed by 7
-    assert index.match([4, 4]) == (1, 1) or True
+    assert NgramIndex(1, 3).match([4, 4]) == (1, 1)  # the second 4 follows the first
+    assert NgramIndex(1, 3).match([4, 5]) == (0, -1)  # nothing seen before
 
 
 def test_suffix_array_sorts_suffixes():

@@ -7,10 +7,14 @@ import math
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import KVLayer, QuantizedLayer, QuantSpec
 from slimkv.cache.attention import attend_rows
 from slimkv.cache.mixed import MixedLayer
 from slimkv.cache.rotation import rotate, rotation, unrotate
+from slimkv.compressors.eviction.snapkv import SnapKVCompressor
+from slimkv.compressors.state import QueryWindow
+from slimkv.cache import LayerStates
 from slimkv.compressors import make_compressor
 from slimkv.compressors.base import ScoreContext
 from slimkv.compressors.quantization.zipvl import important_count
@@ -22,8 +26,7 @@ from .test_quantization import dense_layer
 
 
 def attend(query, keys, values, positions, scale=0.25):
-    return attend_rows(query, keys, values, positions, torch.full((query.shape[0], 1), 10**6), scale,
-                       valid=None, new_tokens=0)[0]
+    return attend_rows(query, keys, values, positions, AttentionMeta(torch.full((query.shape[0], 1), 10**6), 0, scale))[0]
 
 
 # ---------------------------------------------------------------------- rotation
@@ -64,9 +67,9 @@ def test_rotated_layer_reads_the_same_through_kernel_and_pytorch(bits):
     position = torch.tensor([[154], [154]])
     if not kernels.available(query, q):
         pytest.skip("no C compiler: the kernel is not built")
-    fused, _ = q.attend(query, position, 0.25, new_tokens=1)
+    fused, _ = q.attend(query, AttentionMeta(position, 1, 0.25))
     with kernels.disabled():
-        dense, _ = q.attend(query, position, 0.25, new_tokens=1)
+        dense, _ = q.attend(query, AttentionMeta(position, 1, 0.25))
     torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-5)
 
 
@@ -102,9 +105,9 @@ def test_sinks_survive_decoding_and_rollback():
     for t in range(40, 80):
         q.append(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.tensor([[t]]))
     assert q.max_length == 80 and q.sink_length == 3
-    assert q.positions()[0, 0].tolist() == list(range(80))
+    assert q.positions[0, 0].tolist() == list(range(80))
     q.truncate(torch.full((1, 2), 75))
-    assert q.max_length == 75 and q.positions()[0, 0].tolist() == list(range(75))
+    assert q.max_length == 75 and q.positions[0, 0].tolist() == list(range(75))
     assert torch.equal(q.view()[0][:, :, :3], layer.view()[0][:, :, :3])
 
 
@@ -125,7 +128,8 @@ def test_important_count_is_the_smallest_set_holding_the_share():
 
 
 def handmade_layer():
-    """32 entries, 1 head; the window's single query attends mostly to entries 10 and 20."""
+    """32 entries, 1 head; the window's single query attends mostly to entries 10 and 20, recorded as
+    SnapKV's observation window (``STATES``, under the key ZipVL reads)."""
     dim = 16
     keys = torch.zeros(1, 1, 32, dim)
     keys[0, 0, 10, 0], keys[0, 0, 20, 0], keys[0, 0, 5, 0] = 6.0, 5.0, 3.0
@@ -134,26 +138,30 @@ def handmade_layer():
     layer.append(keys, values, torch.arange(32)[None], exact=True)
     query = torch.zeros(1, 1, 1, dim)
     query[..., 0] = 1.0
-    layer.extra["snapkv_q"], layer.extra["snapkv_pos"] = query, torch.tensor([[31]])
+    STATES.retain(())
+    STATES.setdefault(SnapKVCompressor(window=16).state_key, QueryWindow).record(query, torch.tensor([[31]]), 16)
     return layer
+
+
+STATES = LayerStates()
 
 
 def test_zipvl_keeps_the_requested_attention_share_at_high_precision():
     layer = handmade_layer()
     comp = make_compressor("zipvl", share=0.9, high_bits=8, sinks=2, group=8)
-    ctx = ScoreContext(0, 1, torch.tensor([32]), torch.tensor([32]), "prefill")
+    ctx = ScoreContext(0, 1, torch.tensor([32]), torch.tensor([32]), "prefill", STATES)
     mass = comp.score(layer, ctx)[0, 0]  # [32]
     torch.testing.assert_close(mass.sum(), torch.tensor(1.0))
     out = comp.compress(layer, ctx)
     assert isinstance(out, MixedLayer) and out.high.spec.bits == 8 and out.low.spec.bits == 2
-    high = out.high.positions()[0, 0].tolist()
+    high = out.high.positions[0, 0].tolist()
     order = mass[2:].argsort(descending=True) + 2  # candidates: all but the 2 sinks
     need = next(i + 1 for i in range(30) if mass[:2].sum() + mass[order[: i + 1]].sum() >= 0.9)
     assert sorted(high) == sorted(order[:need].tolist()) and {10, 20} <= set(high)
     assert mass[:2].sum() + mass[high].sum() >= 0.9  # the share is held ...
     assert mass[:2].sum() + mass[high[:-1]].sum() < 0.9 or len(high) == 1  # ... by the fewest entries
     assert out.max_length == 32 and out.low.sink_length == 2
-    assert sorted(out.positions()[0, 0].tolist()) == list(range(32))
+    assert sorted(out.positions[0, 0].tolist()) == list(range(32))
     assert out.nbytes() == out.high.nbytes() + out.low.nbytes()
 
 
@@ -183,13 +191,13 @@ def test_zipvl_generates_with_bytes_between_its_two_widths(llama):
 def test_mixed_layer_decodes_and_rolls_back():
     layer = handmade_layer()
     comp = make_compressor("zipvl", share=0.9, sinks=2, group=8)
-    ctx = ScoreContext(0, 1, torch.tensor([32]), torch.tensor([32]), "prefill")
+    ctx = ScoreContext(0, 1, torch.tensor([32]), torch.tensor([32]), "prefill", STATES)
     out = comp.compress(layer, ctx)
     for t in range(32, 40):
         out.append(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), torch.tensor([[t]]))
     assert out.max_length == out.entries() == 40
     out.truncate(torch.tensor([[36]]))
-    assert sorted(out.positions()[0, 0].tolist()) == list(range(36))
+    assert sorted(out.positions[0, 0].tolist()) == list(range(36))
     copy = out.clone()
     copy.append(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16), torch.tensor([[36]]))
     assert out.max_length == 36 and copy.max_length == 37

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import CacheSpec, KVLayer, QuantizedLayer, QuantSpec, SlimCache
 from slimkv.cache.packing import pack, quantize, unpack
 from slimkv.cache.quantized import ROLLBACK_SLACK
 from slimkv.compressors import Pipeline, make_compressor
 from slimkv.engine import Engine, GenerationConfig, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.errors import ConfigError
 
 from .conftest import ToyTokenizer, prompt_ids
@@ -133,7 +133,7 @@ def test_positions_are_per_head_after_eviction_and_widen_past_int16():
     layer.keep(torch.stack([torch.arange(0, 40, 2), torch.arange(1, 40, 2)])[None])  # heads keep different entries
     q = QuantizedLayer.from_layer(layer, QuantSpec(bits=2, group=8))
     assert q.positions_q.dtype == torch.int16 and q.positions_q.shape == (1, 2, 20)
-    assert torch.equal(q.positions(), layer.view()[2])
+    assert torch.equal(q.positions, layer.view()[2])
 
 
 def test_quantized_layer_refuses_eviction():
@@ -143,16 +143,16 @@ def test_quantized_layer_refuses_eviction():
 
 
 # ---------------------------------------------------------------------- through the engine
+def step(engine, cache, token: int):
+    """One decode step over ``cache`` with the engine's compressor; logits [1, vocab]."""
+    return engine.runner.forward([engine.runner.row(cache, [token], engine.compressor, "decode")])[:, -1]
+
+
 def greedy_logits(engine, ids, steps):
-    with engine.adapter.attached():
-        cache, last = engine.prepare(Segments(ids, []))
-        logits = [last]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            pos = torch.tensor([[cache.seen[0]]])
-            ctx = ForwardContext(cache, pos, engine.compressor, phase="decode")
-            logits.append(engine.adapter.forward(token, pos, ctx)[:, -1])
-            cache.seen[0] += 1
+    cache, last = engine.prepare(Segments(ids, []))
+    logits = [last]
+    for _ in range(steps):
+        logits.append(step(engine, cache, int(logits[-1].argmax(-1))))
     return torch.cat(logits), cache
 
 
@@ -169,32 +169,27 @@ def test_eight_bits_gives_logits_close_to_the_full_cache(llama):
 def test_decode_tokens_wait_in_the_residual_until_a_group_fills(llama):
     engine = Engine(llama, ToyTokenizer(), make_compressor("kivi2", group=16, residual=3, sinks=0))
     sizes = []
-    with engine.adapter.attached():
-        cache, logits = engine.prepare(Segments(prompt_ids(50), []))
-        layer = cache.layers[0]
+    cache, logits = engine.prepare(Segments(prompt_ids(50), []))
+    layer = cache.layers[0]
+    sizes.append((layer.quantized_length, layer.residual.max_length))
+    for _ in range(40):
+        logits = step(engine, cache, int(logits.argmax(-1)))
         sizes.append((layer.quantized_length, layer.residual.max_length))
-        for _ in range(40):
-            token = logits.argmax(-1, keepdim=True)
-            pos = torch.tensor([[cache.seen[0]]])
-            logits = engine.adapter.forward(token, pos, ForwardContext(cache, pos, engine.compressor, "decode"))[:, -1]
-            cache.seen[0] += 1
-            sizes.append((layer.quantized_length, layer.residual.max_length))
     assert sizes[0] == (47, 3)  # the prompt is quantized but for `residual` tokens
     # new tokens wait until a group is full beyond `residual` + ROLLBACK_SLACK (speculative rollback) ...
     assert sizes[32] == (47, 3 + ROLLBACK_SLACK + 16)
     assert sizes[33] == (63, 3 + ROLLBACK_SLACK + 1)  # ... and are quantized as one group at the next append
     assert max(r for _, r in sizes) <= 3 + ROLLBACK_SLACK + 16
     assert all(q + r == 50 + i for i, (q, r) in enumerate(sizes))
-    assert cache.layers[0] is layer and layer.positions().max() == 89
+    assert cache.layers[0] is layer and layer.positions.max() == 89
 
 
 def test_snapkv_then_kivi_quantizes_what_snapkv_keeps(llama):
     ids = prompt_ids(120, seed=3)
     evict = Engine(llama, ToyTokenizer(), make_compressor("snapkv", ratio=0.5))
     both = Engine(llama, ToyTokenizer(), make_compressor("snapkv+kivi8", ratio=0.5))
-    with evict.adapter.attached():
-        ref, _ = evict.prepare(Segments(ids, []))
-        cache, _ = both.prepare(Segments(ids, []))
+    ref, _ = evict.prepare(Segments(ids, []))
+    cache, _ = both.prepare(Segments(ids, []))
     for dense, q in zip(ref.layers, cache.layers):
         keys, values, positions = dense.view()
         k2, v2, p2 = q.view()
@@ -253,17 +248,21 @@ def test_batch_of_equal_lengths_decodes_like_each_alone(llama):
     assert together == alone
 
 
-def test_batch_of_different_lengths_fails_clearly(llama):
+def test_prompts_of_different_lengths_decode_together_like_each_alone(llama):
+    """Each request holds its own quantized cache: any prompt lengths share a batch."""
     engine = Engine(llama, ToyTokenizer(), make_compressor("kivi2", group=16))
-    with pytest.raises(ValueError, match="decode these requests one at a time"):
-        engine.generate_batch([Segments(prompt_ids(40), []), Segments(prompt_ids(45), [])])
+    prompts = [Segments(prompt_ids(40), []), Segments(prompt_ids(45, seed=1), [])]
+    config = GenerationConfig(max_new_tokens=20, ignore_eos=True)
+    alone = [engine.generate(p, config) for p in prompts]
+    together = engine.generate_batch(prompts, config)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.cache.bytes_kept for r in together] == [r.cache.bytes_kept for r in alone]
 
 
 def test_question_after_quantized_context(llama):
     """Question-agnostic: the context is quantized, the question is appended in full precision."""
     engine = Engine(llama, ToyTokenizer(), make_compressor("kivi2", group=16, sinks=0))
-    with engine.adapter.attached():
-        cache, _ = engine.prepare(Segments(prompt_ids(60, seed=6), prompt_ids(10, seed=7)))
+    cache, _ = engine.prepare(Segments(prompt_ids(60, seed=6), prompt_ids(10, seed=7)))
     layer = cache.layers[0]
     assert layer.quantized_length == 60 and layer.residual.max_length == 10
     assert layer.residual.view()[2][0, 0].tolist() == list(range(60, 70))
@@ -271,21 +270,11 @@ def test_question_after_quantized_context(llama):
 
 def test_clone_is_independent(llama):
     engine = Engine(llama, ToyTokenizer(), make_compressor("kivi2", group=16))
-    with engine.adapter.attached():
-        cache, _ = engine.prepare(Segments(prompt_ids(40), []))
+    cache, _ = engine.prepare(Segments(prompt_ids(40), []))
     copy = cache.clone()
     assert copy.stats() == cache.stats()
     copy.layers[0].append(*(torch.zeros(1, 2, 1, 16),) * 2, torch.tensor([[40]]))
     assert cache.layers[0].max_length == 40 and copy.layers[0].max_length == 41
-
-
-def test_stack_refuses_mixed_layer_kinds():
-    spec = CacheSpec(layers=1, kv_heads=2, head_dim=16, dtype=torch.float32)
-    a, b = SlimCache(spec), SlimCache(spec)
-    a.layers[0] = dense_layer(tokens=20, dim=16)
-    b.layers[0] = QuantizedLayer.from_layer(dense_layer(tokens=20, dim=16), QuantSpec(bits=2, group=8))
-    with pytest.raises(ValueError, match="one compressor"):
-        SlimCache.stack([a, b])
 
 
 @pytest.mark.parametrize("family", ["gemma2", "mistral"])
@@ -311,9 +300,9 @@ def test_fused_kernel_matches_dequantized_attention(bits, key_bits):
     position = torch.tensor([[154], [154]])
     if not kernels.available(query, q):
         pytest.skip("no C compiler: the kernel is not built")
-    fused, _ = q.attend(query, position, 0.25, new_tokens=1)
+    fused, _ = q.attend(query, AttentionMeta(position, 1, 0.25))
     with kernels.disabled():
-        dense, _ = q.attend(query, position, 0.25, new_tokens=1)
+        dense, _ = q.attend(query, AttentionMeta(position, 1, 0.25))
     torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-5)
 
 
@@ -322,15 +311,14 @@ def test_minikv_gives_lower_layers_more_entries_at_the_same_total(llama, scorer)
     uniform = Engine(llama, ToyTokenizer(), make_compressor(scorer, ratio=0.5))
     pyramid = Engine(llama, ToyTokenizer(), make_compressor("minikv", ratio=0.5, beta=2, group=16, scorer=scorer))
     ids = prompt_ids(80, seed=8)
-    with uniform.adapter.attached():
-        ref, _ = uniform.prepare(Segments(ids, []))
-        cache, _ = pyramid.prepare(Segments(ids, []))
+    ref, _ = uniform.prepare(Segments(ids, []))
+    cache, _ = pyramid.prepare(Segments(ids, []))
     kept = [layer.max_length for layer in cache.layers]
     assert [layer.max_length for layer in ref.layers] == [40, 40]
     assert kept == [60, 20] and sum(kept) == 80  # 1.5x and 0.5x the average, same total
     assert all(isinstance(layer, QuantizedLayer) and layer.spec.bits == 2 for layer in cache.layers)
     # the first layer keeps a superset of what the uniform scorer keeps (same scores, larger budget)
-    assert set(ref.layers[0].view()[2][0, 0].tolist()) <= set(cache.layers[0].positions()[0, 0].tolist())
+    assert set(ref.layers[0].view()[2][0, 0].tolist()) <= set(cache.layers[0].positions[0, 0].tolist())
     with pytest.raises(ConfigError, match="beta"):
         make_compressor("minikv", ratio=0.5, beta=0.5)
     with pytest.raises(ConfigError, match="scorer must be one of keydiff, snapkv"):

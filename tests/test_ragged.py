@@ -6,14 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from slimkv.cache.attention import AttentionMeta
 from slimkv import compressors
 from slimkv.cache import CacheSpec, KVLayer, RaggedLayer, SlimCache
-from slimkv.cache.cache import _stack_layers
 from slimkv.cache.ragged import BLOCK, PagedState
+from slimkv.cache import LayerStates, Room
+from slimkv.compressors.eviction.fastgen import FastGenState
 from slimkv.compressors import ScoreContext
 from slimkv.compressors.allocation import allocate_heads
 from slimkv.engine import Engine, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.engine.prompts import punctuation_table
 from slimkv.errors import ConfigError
 from slimkv.store.codec import decode_cache, encode_cache
@@ -70,8 +71,8 @@ def test_attention_over_pages_equals_dense_rows():
     query = torch.randn(1, 6, 3, DIM, generator=g)  # 2 query heads per KV head, 3 tokens
     qpos = torch.tensor([[40, 41, 42]])
     for want_mass in (False, True):
-        out_d, mass_d = dense.attend(query, qpos, 0.25, new_tokens=0, want_key_mass=want_mass)
-        out_r, mass_r = ragged.attend(query, qpos, 0.25, new_tokens=0, want_key_mass=want_mass)
+        out_d, mass_d = dense.attend(query, AttentionMeta(qpos, 0, 0.25, key_mass=want_mass))
+        out_r, mass_r = ragged.attend(query, AttentionMeta(qpos, 0, 0.25, key_mass=want_mass))
         assert torch.equal(out_d, out_r)
         if want_mass:
             valid = dense.valid_mask()
@@ -97,7 +98,7 @@ def test_replace_evicts_within_pages():
     ragged = RaggedLayer.from_layer(dense_layer([8, 12]))
     before = ragged.keys.shape[0]
     k, v = torch.ones(1, 2, 1, DIM), torch.ones(1, 2, 1, DIM)
-    ragged.replace(torch.tensor([[5, 0]]), torch.tensor([[True, False]]), k, v, torch.tensor([[50]]))
+    ragged.replace(Room(torch.tensor([[5, 0]]), torch.tensor([[True, False]])), k, v, torch.tensor([[50]]))
     assert ragged.lengths.tolist() == [[8, 13]]
     assert ragged.keys.shape[0] == before  # head 0 overwrote a slot, head 1 had room in its last page
     _, _, positions = ragged.view()
@@ -105,15 +106,15 @@ def test_replace_evicts_within_pages():
 
 
 def test_rollback_restores_the_marked_rows():
-    cache = SlimCache.__new__(SlimCache)
-    cache.layers, cache.seen = [RaggedLayer.from_layer(dense_layer([5, 30]))], [40]
+    cache = SlimCache(CacheSpec(layers=1, kv_heads=2, head_dim=DIM, dtype=torch.float32))
+    cache.layers, cache.seen = [RaggedLayer.from_layer(dense_layer([5, 30]))], 40
     before = rows_of(cache.layers[0])
     mark = cache.mark()
     layer = cache.layers[0]
     for step in range(11):
         layer.append(torch.randn(1, 2, 1, DIM), torch.randn(1, 2, 1, DIM), torch.tensor([[40 + step]]))
     cache.rollback(mark, keep=0)
-    assert cache.layers[0].lengths.tolist() == [[5, 30]] and cache.seen == [40]
+    assert cache.layers[0].lengths.tolist() == [[5, 30]] and cache.seen == 40
     assert rows_of(cache.layers[0]) == before
 
 
@@ -134,41 +135,29 @@ def test_select_tail_keeps_a_tree_path_like_dense_rows():
 def test_store_round_trip_keeps_ragged_layers_ragged():
     cache = SlimCache(CacheSpec(layers=2, kv_heads=2, head_dim=DIM, dtype=torch.float32))
     cache.layers = [RaggedLayer.from_layer(dense_layer([10, 40])), dense_layer([20, 20], seed=3)]
-    cache.seen = [64]
+    cache.seen = 64
     back = payload_to_cache(decode_cache(encode_cache(cache_to_payload(cache))), cache.spec)
     assert isinstance(back.layers[0], RaggedLayer) and not isinstance(back.layers[1], RaggedLayer)
     assert [rows_of(layer) for layer in back.layers] == [rows_of(layer) for layer in cache.layers]
-    assert back.layers[0].nbytes() == cache.layers[0].nbytes() and back.seen == [64]
-
-
-def test_batch_stack_mixes_dense_and_ragged_sequences():
-    a, b = dense_layer([12, 12]), RaggedLayer.from_layer(dense_layer([4, 30], seed=5))
-    stacked = _stack_layers([a, b])
-    assert isinstance(stacked, RaggedLayer)
-    assert stacked.lengths.tolist() == [[12, 12], [4, 30]]
-    assert rows_of(stacked) == rows_of(a) + rows_of(b)
-    assert stacked.keys.shape[0] == 2 + 2 + 1 + 4  # pages of each row, no padding to 30
+    assert back.layers[0].nbytes() == cache.layers[0].nbytes() and back.seen == 64
 
 
 def test_headwise_ragged_cache_decodes_like_the_same_entries_dense(llama):
     """Exact: greedy logits over paged layers equal those over the same entries stored dense."""
     engine = Engine(llama, ToyTokenizer(), compressors.make_compressor("adasnapkv", ratio=0.6))
-    with engine.adapter.attached():
-        cache, last = engine.prepare(Segments(prompt_ids(70, seed=8), []))
-        assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
-        dense = cache.clone()
-        dense.layers = [layer.to_dense() if isinstance(layer, RaggedLayer) else layer
-                        for layer in dense.layers]
-        outputs = []
-        for c in (cache, dense):
-            token, logits = last.argmax(-1, keepdim=True), []
-            for _ in range(8):
-                pos = torch.tensor([[c.seen[0]]])
-                step = engine.adapter.forward(token, pos, ForwardContext(c, pos, None, phase="decode"))[:, -1]
-                c.seen[0] += 1
-                logits.append(step)
-                token = step.argmax(-1, keepdim=True)
-            outputs.append(torch.cat(logits))
+    cache, last = engine.prepare(Segments(prompt_ids(70, seed=8), []))
+    assert any(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    dense = cache.clone()
+    dense.layers = [layer.to_dense() if isinstance(layer, RaggedLayer) else layer for layer in dense.layers]
+    outputs = []
+    runner = engine.runner
+    for c in (cache, dense):
+        token, logits = int(last.argmax(-1)), []
+        for _ in range(8):
+            step = runner.forward([runner.row(c, [token], None, "decode")])[:, -1]
+            logits.append(step)
+            token = int(step.argmax(-1))
+        outputs.append(torch.cat(logits))
     assert torch.equal(outputs[0], outputs[1])
     assert cache.stats().bytes_kept < dense.stats().bytes_kept
 
@@ -189,7 +178,8 @@ def test_allocation_gives_spread_heads_more_and_respects_floor_and_total():
 
 
 def fastgen_layer(sink_head: bool) -> tuple[KVLayer, ScoreContext]:
-    """Two KV heads, one query each; head 0's window queries look only at position 0 if ``sink_head``."""
+    """Two KV heads, one query each; head 0's window queries look only at position 0 if ``sink_head``
+    (recorded as FastGen's profiling window in the context's states)."""
     n, dim = 40, 4
     keys = torch.zeros(1, 2, n, dim)
     keys[0, :, :, 1] = 1.0
@@ -198,9 +188,10 @@ def fastgen_layer(sink_head: bool) -> tuple[KVLayer, ScoreContext]:
     layer.append(keys, torch.randn(1, 2, n, dim), torch.arange(n)[None], exact=True)
     q = torch.zeros(1, 2, 4, dim)
     q[0, 0, :, 0] = 10.0 if sink_head else 0.0
-    layer.extra["fastgen_q"], layer.extra["fastgen_pos"] = q, torch.arange(n - 4, n)[None]
     ctx = ScoreContext(layer_idx=0, num_layers=1, keep=torch.tensor([20]), seen=torch.tensor([n]),
-                       phase="prefill")
+                       phase="prefill", states=LayerStates())
+    state = ctx.states.setdefault(compressors.make_compressor("fastgen", ratio=0.5).state_key, FastGenState)
+    state.window.record(q, torch.arange(n - 4, n)[None], 16)
     return layer, ctx
 
 
@@ -220,7 +211,7 @@ def test_fastgen_punctuation_policy_uses_engine_flags():
     layer, ctx = fastgen_layer(sink_head=False)
     flags = torch.zeros(1, 40, dtype=torch.bool)
     flags[0, 10:] = True  # 34 of 40 tokens: ~84% of the uniform attention of head 0
-    layer.extra["fastgen_punct"] = flags
+    ctx.states.get(comp.state_key, FastGenState).punct = flags
     choice, member, _ = comp.policies(layer, ctx)
     assert choice[0, 0] == 1 and int(member[0, 0].sum()) == 4 + 30
 
@@ -247,8 +238,8 @@ def test_bad_headwise_settings_fail_at_configuration(kwargs, match):
 @pytest.mark.parametrize("name", ["knorm", "streaming_llm", "h2o"])
 def test_any_scorer_takes_head_allocation(llama, name):
     engine = Engine(llama, ToyTokenizer(), compressors.make_compressor(name, ratio=0.5, allocation="head"))
-    with engine.adapter.attached():  # the question is observed over the (paged) compressed layers
-        cache, _ = engine.prepare(Segments(prompt_ids(64, seed=2), prompt_ids(5, seed=3)))
+    # the question is observed over the (paged) compressed layers
+    cache, _ = engine.prepare(Segments(prompt_ids(64, seed=2), prompt_ids(5, seed=3)))
     for layer in cache.layers:
         assert int(layer.lengths.sum()) == 32 * 2 + 5 * 2  # the layer's total, however heads split it
         _, _, positions = layer.view()
@@ -262,7 +253,7 @@ def test_paged_state_accumulates_like_a_dense_tensor():
     """H2O's pattern ``state[:, :, :n] += mass`` on a ragged layer updates exactly the valid slots."""
     dense = dense_layer([3, 12])
     ragged = RaggedLayer.from_layer(dense)
-    state = ragged.new_slot_state("mass")
+    state = ragged.entry_state(("mass",))
     assert isinstance(state, PagedState) and state.shape == (1, 2, 12)
     mass = torch.arange(24, dtype=torch.float32).view(1, 2, 12)
     state[:, :, :12] += mass
@@ -270,4 +261,4 @@ def test_paged_state_accumulates_like_a_dense_tensor():
     valid = ragged.valid_mask()
     assert torch.equal(state.dense()[valid], 2 * mass[valid])
     ragged.keep(torch.tensor([[[0, 2, 2], [1, 5, 11]]]), lengths=torch.tensor([[2, 3]]))  # state follows
-    assert ragged.slot_state["mass"].dense()[ragged.valid_mask()].tolist() == [0.0, 4.0, 26.0, 34.0, 46.0]
+    assert ragged.entry_states[("mass",)].dense()[ragged.valid_mask()].tolist() == [0.0, 4.0, 26.0, 34.0, 46.0]

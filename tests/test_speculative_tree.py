@@ -8,7 +8,6 @@ import torch
 
 from slimkv.compressors import make_compressor
 from slimkv.engine import Engine, GenerationConfig, LosslessConfig, SamplingConfig, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.engine.sampling import Sampler
 from slimkv.speculative.datastore import Datastore, tokenizer_fingerprint
 from slimkv.speculative.tree import accept_tree_greedy, accept_tree_sampled, build_tree, depths, visibility
@@ -40,22 +39,15 @@ def test_build_tree_keeps_the_best_supported_nodes_parents_first():
 
 
 def _forward(engine, cache, tokens, positions=None, tree=None):
-    first = cache.seen[0]
-    if positions is None:
-        positions = torch.arange(first, first + len(tokens))[None]
-    with engine.adapter.attached():
-        ctx = ForwardContext(cache, positions, None, phase="decode", tree=tree)
-        logits = engine.adapter.forward(torch.tensor([tokens]), positions, ctx, all_logits=True)
-    cache.seen[0] += len(tokens)
-    return logits[0]
+    row = engine.runner.row(cache, tokens, None, "decode", positions=positions, tree=tree)
+    return engine.runner.forward([row], all_logits=True)[0]
 
 
 @pytest.fixture
 def prefilled(llama):
     engine = Engine(llama, ToyTokenizer())
     cache = engine.new_cache()
-    with engine.adapter.attached():
-        engine.prefill(cache, prompt_ids(30))
+    engine.prefill(cache, prompt_ids(30))
     return engine, cache
 
 
@@ -70,8 +62,8 @@ def _path(node):
 def test_tree_pass_equals_decoding_each_path_alone(prefilled):
     engine, cache = prefilled
     base = cache.clone()
-    first = cache.seen[0]
-    positions = torch.tensor([[first, *(first + d for d in depths(PARENTS))]])
+    first = cache.seen
+    positions = [first, *(first + d for d in depths(PARENTS))]
     tree_logits = _forward(engine, cache, [4, *TOKENS], positions, visibility(PARENTS))
     torch.testing.assert_close(tree_logits[0], _forward(engine, base.clone(), [4])[0])
     for node in range(len(TOKENS)):
@@ -83,9 +75,9 @@ def test_tree_pass_equals_decoding_each_path_alone(prefilled):
 def test_keeping_a_path_leaves_the_cache_as_if_only_it_was_decoded(prefilled):
     engine, cache = prefilled
     never = cache.clone()
-    first = cache.seen[0]
+    first = cache.seen
     mark = cache.mark()
-    positions = torch.tensor([[first, *(first + d for d in depths(PARENTS))]])
+    positions = [first, *(first + d for d in depths(PARENTS))]
     _forward(engine, cache, [4, *TOKENS], positions, visibility(PARENTS))
     with torch.inference_mode():  # as in DualCache.commit
         cache.rollback(mark, keep=4, select=[0, 1, 2, 5])  # pending, node 0, node 1, node 4

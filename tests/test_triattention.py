@@ -69,7 +69,7 @@ def test_calibration_recovers_pre_rope_queries(llama):
     captured = []
     hook = llama.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
-        centres = calibration.measure(engine, tokens=64, text="bible")
+        centres = calibration.measure(engine.runner, tokens=64, text="bible")
     finally:
         hook.remove()
     pre = torch.cat(captured, dim=1).view(1, -1, 4, 16)[0]  # [T, Hq, D]
@@ -87,18 +87,18 @@ def test_centres_are_cached_and_a_corrupt_file_is_rebuilt(llama, tmp_path, monke
     monkeypatch.setattr(calibration, "measure", lambda engine: calls.append(1) or measure(engine, tokens=96))
     engine = Engine(llama, ToyTokenizer())
     with caplog.at_level(logging.INFO, logger="slimkv.compressors.calibration"):
-        first = calibration.ensure_centres(engine)
+        first = calibration.ensure_centres(engine.runner)
     assert len(calls) == 1 and "measuring" in caplog.text
     path = calibration.centres_path(engine.adapter.fingerprint())
     assert path.is_file() and path.with_suffix(".json").is_file()
-    second = calibration.ensure_centres(engine)
+    second = calibration.ensure_centres(engine.runner)
     assert len(calls) == 1  # loaded, not measured again
     torch.testing.assert_close(second.mean, first.mean)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        third = calibration.ensure_centres(engine)
+        third = calibration.ensure_centres(engine.runner)
     assert len(calls) == 2 and "checksum" in caplog.text
     torch.testing.assert_close(third.mean, first.mean)
     rebuilt = calibration.load_centres(engine.adapter.fingerprint(), 2, 4, 8)
@@ -109,9 +109,13 @@ def test_first_use_measures_then_reuses(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
     monkeypatch.setattr(calibration, "DEFAULT_TOKENS", 64)
     comp = make_compressor("triattention", budget=16, phase="decode")
-    Engine(llama, ToyTokenizer(), comp)
+    engine = Engine(llama, ToyTokenizer(), comp)
+    assert not list(tmp_path.glob("triattention-*.pt"))  # building an engine calibrates nothing
+    bound = engine.bind(comp)
     assert len(list(tmp_path.glob("triattention-*.pt"))) == 1
-    assert comp._bound is not None and comp._bound.centre.shape == (2, 4, 8)
+    assert bound.centre.shape == (2, 4, 8)
+    assert engine.bind(comp) is bound  # once per model: the engine keeps it, the compressor stays config
+    assert not [f for f in vars(comp) if f.startswith("_bound")]
 
 
 def test_unbound_score_says_what_to_do(llama):
@@ -136,13 +140,13 @@ def test_decode_keeps_the_window_and_evicts_the_lowest_expected_logit(llama):
     victims = []
     original = comp.make_room
 
-    def spy(layer, ctx):
-        room = original(layer, ctx)
+    def spy(layer, ctx, cap):
+        room = original(layer, ctx, cap)
         if room is not None:
             scores = comp.score(layer, ctx)
             _, _, positions = layer.view()
-            victims.append((scores.gather(-1, room[0][..., None]), scores.min(-1).values,
-                            positions.gather(-1, room[0][..., None]), int(ctx.seen[0])))
+            victims.append((scores.gather(-1, room.slots[..., None]), scores.min(-1).values,
+                            positions.gather(-1, room.slots[..., None]), int(ctx.seen[0])))
         return room
 
     comp.make_room = spy

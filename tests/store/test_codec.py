@@ -71,16 +71,16 @@ def test_ragged_cache_round_trip_keeps_exactly_the_valid_entries():
 
 def test_slim_cache_round_trip_through_the_store_layout():
     spec = CacheSpec(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32)
-    cache = SlimCache(spec, batch=1)
+    cache = SlimCache(spec)
     g = torch.Generator().manual_seed(0)
     for layer in cache.layers:
         layer.append(torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g),
                      torch.arange(6)[None], exact=True)
         keep = torch.tensor([[[0, 2, 5, 5], [1, 3, 4, 5]]])  # ragged: head 0 keeps 3, head 1 keeps 4
         layer.keep(keep, lengths=torch.tensor([[3, 4]]))
-    cache.seen = [6]
+    cache.seen = 6
     restored = payload_to_cache(decode_cache(encode_cache(cache_to_payload(cache))), spec)
-    assert restored.seen == [6] and restored.stats() == cache.stats()
+    assert restored.seen == 6 and restored.stats() == cache.stats()
     for a, b in zip(cache.layers, restored.layers):
         assert torch.equal(a.lengths, b.lengths) and a.uniform == b.uniform
         mask = a.valid_mask()

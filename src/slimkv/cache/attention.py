@@ -9,6 +9,8 @@ the widest row (ragged heads, batched sequences of different length) mask their 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,55 +19,63 @@ from torch import Tensor
 EXPLICIT_ROWS = 256
 
 
-def attend_rows(
-    query: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    positions: Tensor,
-    query_positions: Tensor,
-    scale: float,
-    *,
-    valid: Tensor | None,
-    new_tokens: int,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    want_key_mass: bool = False,
-    mask_cache: dict | None = None,
-    tree: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+@dataclass(frozen=True)
+class AttentionMeta:
+    """What a forward pass tells a layer's attention about one sequence's new tokens.
+
+    positions:  [batch, T] positions of the new queries (and of the entries they appended)
+    new_tokens: entries this pass appended to the layer (the last slots of a uniform layer)
+    scale, sliding_window, softcap: how this model layer attends (``LayerAttention``)
+    key_mass:   also return the attention mass every entry received (an observer needs it)
+    tree:       [T, T] bool, which of this pass's tokens each one sees (a token tree being verified,
+                ``speculative/tree.py``); None = causal by position
+    mask_cache: masks built once per pass and shared by its layers
+    """
+
+    positions: Tensor
+    new_tokens: int
+    scale: float = 1.0
+    sliding_window: int | None = None
+    softcap: float | None = None
+    key_mass: bool = False
+    tree: Tensor | None = None
+    mask_cache: dict = field(default_factory=dict, compare=False)
+
+
+def attend_rows(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, meta: AttentionMeta,
+                valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Grouped-query attention over kept entries.
 
-    query:           [B, Hq, T, D]   (RoPE applied at the query positions)
-    keys, values:    [B, H, L, D]    the layer's view, the last ``new_tokens`` slots hold this pass's tokens
-                                     when ``valid`` is None (every row full)
-    positions:       [B, H, L]       original positions of the entries
-    query_positions: [B, T]
-    valid:           [B, H, L] bool or None when every slot of the view holds an entry
-    tree:            [T, T] bool or None: which of this pass's tokens each new token sees (a token
-                     tree being verified, ``speculative/tree.py``; needs ``valid`` None and ``new_tokens == T``);
-                     None = causal by position
+    query:     [B, Hq, T, D]   (RoPE applied at the query positions ``meta.positions`` [B, T])
+    keys, values: [B, H, L, D] the layer's view, the last ``meta.new_tokens`` slots hold this pass's
+                               tokens when ``valid`` is None (every row full)
+    positions: [B, H, L]       original positions of the entries
+    valid:     [B, H, L] bool or None when every slot of the view holds an entry
+    A token tree (``meta.tree``) needs ``valid`` None and ``meta.new_tokens == T``.
     Returns (output [B, Hq, T, D], key mass [B, H, L] float32 or None).
     """
     batch, q_heads, tokens, dim = query.shape
     heads = keys.shape[1]
     groups = q_heads // heads
+    query_positions, new_tokens, tree = meta.positions, meta.new_tokens, meta.tree
+    sliding_window, softcap, scale = meta.sliding_window, meta.softcap, meta.scale
     window = sliding_window is not None and _window_bites(positions, query_positions, sliding_window)
     if tree is not None and (valid is not None or new_tokens != tokens):
         raise ValueError("tree attention needs a uniform layer whose last slots hold this pass's tokens")
     if tokens > 1 and new_tokens == keys.shape[2] and valid is None and softcap is None \
-            and not want_key_mass and not window and tree is None:
+            and not meta.key_mass and not window and tree is None:
         # nothing cached yet (a prompt's first chunk): plain causal attention, the fastest kernel
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale,
                                              enable_gqa=groups > 1)
         return out, None
     q = query.reshape(batch, heads, groups * tokens, dim)  # rows ordered (group member, token)
     mask = _mask(positions, query_positions, valid, new_tokens, groups, sliding_window if window else None,
-                 mask_cache, tree)
-    if softcap is None and not want_key_mass:
+                 meta.mask_cache, tree)
+    if softcap is None and not meta.key_mass:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         mass = None
     else:
-        out, mass = _explicit(q, keys, values, mask, scale, softcap, want_key_mass)
+        out, mass = _explicit(q, keys, values, mask, scale, softcap, meta.key_mass)
     return out.view(batch, heads, groups, tokens, dim).reshape(batch, q_heads, tokens, dim), mass
 
 

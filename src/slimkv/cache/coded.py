@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attention import AttentionMeta, attend_rows
 from .layer import KVLayer
+from .protocol import CacheLayer
 
 INT16_MAX = 32767
 #: newest entries never coded by a later append, so that a speculative rollback (``truncate``, at most
@@ -24,8 +26,8 @@ INT16_MAX = 32767
 ROLLBACK_SLACK = 16
 
 
-class CodedLayer:
-    """Base of the coded layers (see the module docstring); the same calls as :class:`KVLayer`."""
+class CodedLayer(CacheLayer):
+    """Base of the coded layers (see the module docstring); the :class:`CacheLayer` interface."""
 
     quantized = True
 
@@ -35,8 +37,6 @@ class CodedLayer:
         self.scale = residual.scale
         self.positions_q: Tensor | None = None  # [B, 1 or H, Q] int16/int32 positions of the coded entries
         self.lengths: Tensor | None = None
-        self.slot_state: dict[str, Tensor] = {}
-        self.extra: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ what a subclass provides
     @property
@@ -50,6 +50,10 @@ class CodedLayer:
 
     def _flush(self) -> None:
         raise NotImplementedError
+
+    def _fast_attention(self, query: Tensor, meta: AttentionMeta) -> Tensor | None:
+        """Attention read straight from the codes when this call allows it (a subclass decides), else None."""
+        return None
 
     # ------------------------------------------------------------------ shape and size
     @property
@@ -75,9 +79,35 @@ class CodedLayer:
         assert self.lengths is not None
         return torch.ones(*self.lengths.shape, self.max_length, dtype=torch.bool, device=self.lengths.device)
 
+    def simple_read(self, query: Tensor, meta: AttentionMeta, oldest: Tensor) -> bool:
+        """True when one query token sees every entry (decoding: no soft-cap, no mass, no window bite).
+
+        oldest: positions of the oldest entries (the window check reads them only on sliding-window layers)
+        """
+        simple = meta.softcap is None and not meta.key_mass and query.shape[2] == 1 and self.quantized_length > 0
+        if simple and meta.sliding_window is not None:
+            simple = int(meta.positions.max()) - int(oldest.min()) < meta.sliding_window
+        return simple
+
+    def attend(self, query: Tensor, meta: AttentionMeta) -> tuple[Tensor, Tensor | None]:
+        """Attention of new queries over this layer (call after ``append``); see ``CacheLayer.attend``.
+
+        The fast path reads the codes directly (one query token seeing every entry); otherwise the
+        layer is decoded (this layer only) and read like a dense one.
+        """
+        fast = self._fast_attention(query, meta)
+        if fast is not None:
+            return fast, None
+        keys, values, positions = self.view()
+        return attend_rows(query, keys, values, positions, meta)
+
     # ------------------------------------------------------------------ writing
     def reserve(self, capacity: int) -> None:
         self.residual.reserve(max(0, capacity - self.prefix_length - self.quantized_length))
+
+    def growth_bytes(self, tokens: int, cap: int | None = None) -> int:
+        """The residual grows exactly; coding its oldest groups at the next append only frees bytes."""
+        return self.residual.growth_bytes(tokens, exact=True)
 
     def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
                cap: int | None = None) -> None:
@@ -90,13 +120,6 @@ class CodedLayer:
         self.residual.append(keys, values, positions, exact=True)
         assert self.lengths is not None
         self.lengths += keys.shape[2]
-
-    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
-                cap: int | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries one at a time; evict before quantizing")
-
-    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
 
     def truncate(self, lengths: Tensor) -> None:
         """Forget entries appended since rows held ``lengths`` (speculative rollback, see KVLayer).
@@ -111,19 +134,12 @@ class CodedLayer:
         self.residual.truncate(lengths.to(self.lengths.device, torch.int64) - fixed)
         self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
 
-    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
-        raise RuntimeError("a quantized layer keeps no per-entry compressor state")
-
 
 # ---------------------------------------------------------------------- helpers
 def dense_slice(keys: Tensor, values: Tensor, positions: Tensor, start: int, stop: int, scale: float) -> KVLayer:
     """A dense layer, grown exactly, of entries ``[start, stop)`` of ``[B, H, L, D]`` keys and values."""
-    out = KVLayer()
-    out.scale = scale
-    out.append(keys[:, :, start:stop], values[:, :, start:stop], positions[:, 0, start:stop], exact=True)
-    assert out.positions is not None
-    out.positions.copy_(positions[:, :, start:stop])
-    return out
+    return KVLayer.from_entries(keys[:, :, start:stop].clone(), values[:, :, start:stop].clone(),
+                                positions[:, :, start:stop].clone(), scale=scale)
 
 
 def compact_positions(positions: Tensor) -> Tensor:

@@ -1,58 +1,52 @@
 """One layer's KV entries: dense rows per (sequence, KV head), with explicit positions.
 
-Contract (who calls what, in which order):
-
-1. The engine creates an empty :class:`KVLayer` per model layer and may ``reserve`` room for a
-   prompt it is about to prefill.
-2. During every forward pass the attention function (``models/adapter.py``) calls ``append`` with
-   the new keys and values, then ``attend`` with the new queries.
-3. Compressors shrink the layer between or during forward passes with ``keep`` (prefill phase:
-   keep a subset) or ``replace`` (decode phase: overwrite one evicted entry per row with the new
-   token), and may keep per-entry state in ``slot_state`` (moved along with the entries).
-4. Reports read ``nbytes`` (every allocated byte) and ``entries`` (valid entries).
+Contract: the :class:`~slimkv.cache.CacheLayer` interface (``cache/protocol.py``).
 
 Layout::
 
-    keys, values: [batch, kv_heads, capacity, head_dim]   model dtype
-    positions:    [batch, kv_heads, capacity]             int32, original token position of each entry
-    lengths:      [batch, kv_heads]                       int64, valid entries of each row
-    slot_state:   name -> [batch, kv_heads, capacity]     float32 per-entry compressor state
+    keys, values:  [batch, kv_heads, capacity, head_dim]   model dtype
+    _pos:          [batch, kv_heads, capacity]             int32, original token position of each slot
+    lengths:       [batch, kv_heads]                       int64, valid entries of each row
+    entry_states:  key -> [batch, kv_heads, capacity]      float32 per-entry compressor state
 
 The entries of a row live in slots ``[0, length)``; slots past a row's length are free. Rows may hold
-different numbers of entries (different sequences of a batch, or different KV heads), and entries
-inside a row are unordered: attention masks by *position*, never by slot, so eviction can overwrite
-any slot. RoPE was applied to the keys at their original positions, which therefore never change.
-Rows of different lengths are padded to the longest here; when KV heads get different budgets
-(head-wise allocation, FastGen) the layer is replaced by the paged :class:`~slimkv.cache.RaggedLayer`
-(``ragged.py``), which holds each row's own entries plus under one page.
+different numbers of entries (different KV heads after decode-phase eviction), and entries inside a
+row are unordered: attention masks by *position*, never by slot, so eviction can overwrite any slot.
+RoPE was applied to the keys at their original positions, which therefore never change. When KV
+heads get different budgets (head-wise allocation, FastGen) the layer is replaced by the paged
+:class:`~slimkv.cache.RaggedLayer` (``ragged.py``), which holds each row's own entries plus under
+one page.
+
+Growth: prefill reserves exactly the prompt's entries; while decoding a row that runs out of room
+grows by ``GROWTH_BLOCK`` slots (never past a decode budget ``cap``), so a layer holds at most
+``GROWTH_BLOCK - 1`` free slots per row beyond what rollbacks leave.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from .attention import attend_rows
+from .protocol import Room
+from .rows import RowLayer
+from .state import StateKey
 
 #: Free slots added when a row runs out of room while decoding; bounded slack that ``nbytes`` counts.
-GROWTH_BLOCK = 64
+GROWTH_BLOCK = 16
+
+Allocator = Callable[[list[tuple[tuple[int, ...], torch.dtype]]], list[Tensor]]
 
 
-class KVLayer:
+class KVLayer(RowLayer):
     """Dense per-row KV storage of one attention layer (see the module docstring for the layout)."""
 
-    quantized = False  # see ``QuantizedLayer``
-
     def __init__(self) -> None:
+        super().__init__()
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
-        self.positions: Tensor | None = None
-        self.lengths: Tensor | None = None
-        self.slot_state: dict[str, Tensor] = {}
-        self.extra: dict[str, Tensor] = {}  # per-layer compressor state that is not per entry
-        self.scale = 1.0  # softmax scale of the attention reading this layer (set by the engine)
-        self._max_len = 0
-        self._uniform = True  # every row holds the same number of entries
+        self._pos: Tensor | None = None
         self._reserved = 0
 
     # ------------------------------------------------------------------ shape and size
@@ -65,44 +59,32 @@ class KVLayer:
         return 0 if self.keys is None else self.keys.shape[2]
 
     @property
-    def max_length(self) -> int:
-        """Largest number of valid entries in any row; slots ``>= max_length`` are free everywhere."""
-        return self._max_len
-
-    @property
-    def uniform(self) -> bool:
-        """True when every row holds exactly ``max_length`` entries (no free slot is inside the view)."""
-        return self._uniform
-
-    def entries(self) -> int:
-        """Valid (kept) entries summed over all rows."""
-        return 0 if self.lengths is None else int(self.lengths.sum())
+    def positions(self) -> Tensor:
+        assert self._pos is not None
+        return self._pos[:, :, : self._max_len]
 
     def nbytes(self) -> int:
         """Every byte this layer holds: keys, values, positions, lengths and per-entry state."""
-        tensors = [self.keys, self.values, self.positions, self.lengths, *self.slot_state.values()]
-        tensors += list(self.extra.values())
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self.keys, self.values, self._pos, self.lengths, *self.entry_states.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)  # type: ignore[union-attr]
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """Keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` of slots ``[0, max_length)``."""
         n = self._max_len
-        assert self.keys is not None and self.values is not None and self.positions is not None
-        return self.keys[:, :, :n], self.values[:, :, :n], self.positions[:, :, :n]
-
-    def valid_mask(self) -> Tensor:
-        """``[B, H, L]`` bool: which slots of the view hold entries."""
-        assert self.lengths is not None
-        idx = torch.arange(self._max_len, device=self.lengths.device)
-        return idx < self.lengths[..., None]
+        assert self.keys is not None and self.values is not None and self._pos is not None
+        return self.keys[:, :, :n], self.values[:, :, :n], self._pos[:, :, :n]
 
     # ------------------------------------------------------------------ allocation
+    def _slot_bytes(self, dim: int, element: int) -> int:
+        return 2 * dim * element + 4 + 4 * len(self.entry_states)
+
     def _allocate(self, like: Tensor, batch: int, heads: int, capacity: int) -> None:
         dim = like.shape[-1]
         self.keys = like.new_empty(batch, heads, capacity, dim)
         self.values = like.new_empty(batch, heads, capacity, dim)
-        self.positions = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=like.device)
+        self._pos = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=like.device)
         self.lengths = torch.zeros(batch, heads, dtype=torch.int64, device=like.device)
+        self._set_rows([0] * (batch * heads))
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` slots per row (taken at the first append if not yet allocated)."""
@@ -111,8 +93,25 @@ class KVLayer:
         elif capacity > self.capacity:
             self._resize(capacity)
 
+    def _target(self, extra: int, exact: bool, cap: int | None) -> int:
+        """Capacity after making room for ``extra`` more entries (unchanged when they fit)."""
+        needed = self._max_len + extra
+        if needed <= self.capacity:
+            return self.capacity
+        target = needed if exact else needed + GROWTH_BLOCK - 1 - (needed - 1) % GROWTH_BLOCK
+        return target if cap is None else max(needed, min(target, cap))
+
+    def growth_bytes(self, tokens: int, cap: int | None = None, exact: bool = False) -> int:
+        if self.keys is None:
+            return 0  # sized by the first append (see ``SlimCache.prefill_bytes``)
+        batch, heads, capacity, dim = self.keys.shape
+        if cap is not None and self._max_len >= cap:
+            return 0  # every row replaces an entry (decode-phase eviction at its budget)
+        grow = self._target(tokens, exact, cap) - capacity
+        return batch * heads * grow * self._slot_bytes(dim, self.keys.element_size())
+
     def _resize(self, capacity: int) -> None:
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         n = min(self._max_len, capacity)
 
         def grow(t: Tensor) -> Tensor:
@@ -120,46 +119,38 @@ class KVLayer:
             new[:, :, :n] = t[:, :, :n]
             return new
 
-        self.keys, self.values, self.positions = grow(self.keys), grow(self.values), grow(self.positions)
-        self.slot_state = {k: grow(v) for k, v in self.slot_state.items()}
+        self.keys, self.values, self._pos = grow(self.keys), grow(self.values), grow(self._pos)
+        self.entry_states = {k: grow(v) for k, v in self.entry_states.items()}  # type: ignore[arg-type]
 
-    def rehome(self, capacity: int, alloc) -> None:
+    def rehome(self, capacity: int, alloc: Allocator) -> None:
         """Move keys, values and positions into storage handed out by ``alloc`` (e.g. a mapped file).
 
         alloc: ``[(shape, dtype), ...] -> [Tensor, ...]`` for keys, values and positions of
         ``capacity`` slots per row. Valid slots are copied; per-entry state stays in memory. A later
         growth past ``capacity`` moves the layer back to ordinary memory, so reserve enough.
         """
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         n = self._max_len
         capacity = max(capacity, n)
         b, h, _, d = self.keys.shape
         keys, values, positions = alloc([((b, h, capacity, d), self.keys.dtype),
                                          ((b, h, capacity, d), self.values.dtype),
-                                         ((b, h, capacity), self.positions.dtype)])
+                                         ((b, h, capacity), self._pos.dtype)])
         keys[:, :, :n] = self.keys[:, :, :n]
         values[:, :, :n] = self.values[:, :, :n]
-        positions[:, :, :n] = self.positions[:, :, :n]
-        self.keys, self.values, self.positions = keys, values, positions
-        self.slot_state = {}
+        positions[:, :, :n] = self._pos[:, :, :n]
+        self.keys, self.values, self._pos = keys, values, positions
+        self.entry_states = {}
 
-    def _ensure_room(self, extra: int, exact: bool, cap: int | None = None) -> None:
-        """Grow to hold ``extra`` more entries: exactly, or by ``GROWTH_BLOCK`` but never past ``cap``."""
-        needed = self._max_len + extra
-        if needed > self.capacity:
-            target = needed if exact else needed + GROWTH_BLOCK - 1 - (needed - 1) % GROWTH_BLOCK
-            if cap is not None:
-                target = max(needed, min(target, cap))
-            self._resize(target)
-
-    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
-        """Create (or return) a float32 per-entry state tensor that follows the entries around."""
-        if name not in self.slot_state:
+    def entry_state(self, key: StateKey, fill: float = 0.0) -> Tensor:
+        """A float32 per-entry state tensor ``[B, H, capacity]`` owned by ``key``; it follows the entries."""
+        state = self.entry_states.get(key)
+        if state is None:
             assert self.keys is not None
-            self.slot_state[name] = torch.full(
+            state = self.entry_states[key] = torch.full(
                 self.keys.shape[:3], fill, dtype=torch.float32, device=self.keys.device
             )
-        return self.slot_state[name]
+        return state  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ writing
     def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
@@ -174,52 +165,56 @@ class KVLayer:
         batch, heads, tokens, _ = keys.shape
         if self.keys is None:
             self._allocate(keys, batch, heads, max(tokens, self._reserved))
-        self._ensure_room(tokens, exact, cap)
+        target = self._target(tokens, exact, cap)
+        if target > self.capacity:
+            self._resize(target)
         assert self.keys is not None and self.values is not None
-        assert self.positions is not None and self.lengths is not None
+        assert self._pos is not None and self.lengths is not None
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens)
         if self._uniform:
             start = self._max_len
             self.keys[:, :, start : start + tokens] = keys
             self.values[:, :, start : start + tokens] = values
-            self.positions[:, :, start : start + tokens] = pos
-            for state in self.slot_state.values():
-                state[:, :, start : start + tokens] = 0.0
+            self._pos[:, :, start : start + tokens] = pos
+            for state in self.entry_states.values():
+                state[:, :, start : start + tokens] = 0.0  # type: ignore[index]
         else:
             slots = self.lengths[..., None] + torch.arange(tokens, device=keys.device)  # [B, H, T]
             self._scatter(slots, keys, values, pos)
         self.lengths += tokens
-        self._max_len += tokens
+        self._add_rows(None, tokens)
 
-    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
-                cap: int | None = None) -> None:
-        """Decode-phase write of one new token per row, evicting where a row is full.
+    def replace(self, room: Room, keys: Tensor, values: Tensor, positions: Tensor, cap: int | None = None) -> None:
+        """Decode-phase write of one new token per row, evicting where a row is full (see ``Room``).
 
-        slots:     [batch, kv_heads] slot of the evicted entry, used only where ``full``
-        full:      [batch, kv_heads] bool, rows at their budget (others grow by one)
         keys, values: [batch, kv_heads, 1, head_dim]; positions: [batch, 1]
         """
         assert self.lengths is not None
-        if not bool(full.any()):
+        full_rows = room.full_rows()
+        if not any(full_rows):
             self.append(keys, values, positions, cap=cap)
             return
-        if int((self.lengths + (~full).long()).max()) > self.capacity:  # only rows below budget grow
-            self._ensure_room(1, exact=False, cap=cap)
-        target = torch.where(full, slots, self.lengths)[..., None]  # [B, H, 1]
+        grows = [not f for f in full_rows]
+        if any(n + g > self.capacity for n, g in zip(self._rows, grows)):  # only rows below budget grow
+            target = self._target(1, False, cap)
+            if target > self.capacity:
+                self._resize(target)
+        full = room.full.to(self.lengths.device)
+        target_slots = torch.where(full, room.slots, self.lengths)[..., None]  # [B, H, 1]
         batch, heads = full.shape
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, 1)
-        self._scatter(target, keys, values, pos)
+        self._scatter(target_slots, keys, values, pos)
         self.lengths += (~full).long()
-        self._refresh_lengths()
+        self._add_rows(grows, 1)
 
     def _scatter(self, slots: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> None:
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         idx = slots[..., None].expand(*slots.shape, keys.shape[-1])
         self.keys.scatter_(2, idx, keys)
         self.values.scatter_(2, idx, values)
-        self.positions.scatter_(2, slots, pos)
-        for state in self.slot_state.values():
-            state.scatter_(2, slots, 0.0)
+        self._pos.scatter_(2, slots, pos)
+        for state in self.entry_states.values():
+            state.scatter_(2, slots, 0.0)  # type: ignore[attr-defined]
 
     def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
         """Keep only the entries at ``indices`` and free everything else.
@@ -228,30 +223,21 @@ class KVLayer:
         lengths: optional [batch, kv_heads]; rows keep only their first ``lengths`` indices (ragged)
         The new storage holds exactly ``k`` slots per row: the dropped bytes are really released.
         """
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
+        assert self.lengths is not None
         indices = indices.sort(dim=-1).values
         idx = indices[..., None].expand(*indices.shape, self.keys.shape[-1])
         self.keys = self.keys.gather(2, idx)
         self.values = self.values.gather(2, idx)
-        self.positions = self.positions.gather(2, indices)
-        self.slot_state = {k: v.gather(2, indices) for k, v in self.slot_state.items()}
+        self._pos = self._pos.gather(2, indices)
+        self.entry_states = {k: v.gather(2, indices) for k, v in self.entry_states.items()}  # type: ignore[attr-defined]
         k = indices.shape[-1]
-        self.lengths = lengths.clone() if lengths is not None else torch.full_like(self.lengths, k)
-        self._refresh_lengths()
-
-    def truncate(self, lengths: Tensor) -> None:
-        """Forget the entries appended since a row held ``lengths`` entries (speculative rollback).
-
-        lengths: [batch, kv_heads], at most the current lengths. Valid only when, since the row held
-        ``lengths`` entries, it was only appended to (no ``replace`` or ``keep``): the dropped entries
-        are then exactly the slots ``[lengths, current)``, and what remains is bit for bit the row as
-        it was. Free slots are kept allocated (``nbytes`` counts them, as after any growth).
-        """
-        assert self.lengths is not None
-        if bool((lengths > self.lengths).any()):
-            raise ValueError("truncate can only drop entries, not add them")
-        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
-        self._refresh_lengths()
+        if lengths is None:
+            self.lengths = torch.full_like(self.lengths, k)
+            self._set_rows([k] * len(self._rows))
+        else:
+            self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
+            self._rows_from_device()
 
     def select_tail(self, lengths: Tensor, index: Tensor) -> None:
         """Keep, of the entries appended since a row held ``lengths`` entries, those at ``index``.
@@ -260,7 +246,7 @@ class KVLayer:
         accepted path of a verified token tree). The kept entries move, in order, to the slots right
         after ``lengths``; the rest are dropped. Same validity condition as :meth:`truncate`.
         """
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         index = index.to(self.keys.device, torch.long)
         if index.numel() and not bool((index[1:] > index[:-1]).all()):
             raise ValueError("select_tail needs increasing offsets")
@@ -269,90 +255,45 @@ class KVLayer:
         for start in lengths.unique().tolist():  # rows that held the same number of entries move together
             rows = lengths == start  # [B, H]
             src = start + index
-            for t in (self.keys, self.values, self.positions, *self.slot_state.values()):
-                moved = t[:, :, src][rows]  # [rows, n, ...]
-                view = t[:, :, start : start + n]
+            for t in (self.keys, self.values, self._pos, *self.entry_states.values()):
+                moved = t[:, :, src][rows]  # type: ignore[index]  # [rows, n, ...]
+                view = t[:, :, start : start + n]  # type: ignore[index]
                 view[rows] = moved
         self.truncate(lengths + n)
-
-    def _refresh_lengths(self) -> None:
-        assert self.lengths is not None
-        lo, hi = int(self.lengths.min()), int(self.lengths.max())
-        self._max_len, self._uniform = hi, lo == hi
-
-    # ------------------------------------------------------------------ reading
-    def attend(
-        self,
-        query: Tensor,
-        query_positions: Tensor,
-        scale: float,
-        new_tokens: int,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        want_key_mass: bool = False,
-        mask_cache: dict | None = None,
-        tree: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Attention of new queries over this layer's entries (call after ``append``).
-
-        query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
-        new_tokens: how many of the entries were appended by this forward pass
-        tree: [tokens, tokens] bool, which new tokens each new token sees (token-tree verification)
-        Returns the output ``[batch, q_heads, tokens, head_dim]`` and, if asked, the attention
-        mass each entry received ``[batch, kv_heads, L]`` (summed over the queries of its group).
-        """
-        keys, values, positions = self.view()
-        valid = None if self._uniform else self.valid_mask()
-        return attend_rows(
-            query, keys, values, positions, query_positions, scale,
-            valid=valid, new_tokens=new_tokens, sliding_window=sliding_window,
-            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache, tree=tree,
-        )
 
     def clone(self) -> KVLayer:
         """An independent copy holding exactly the valid slots (for compress-once, evaluate-many)."""
         out = KVLayer()
-        out.scale, out._max_len, out._uniform = self.scale, self._max_len, self._uniform
+        out.scale = self.scale
+        out._set_rows(list(self._rows))
         if self.keys is None:
             out._reserved = self._reserved
             return out
         n = self._max_len
-        assert self.values is not None and self.positions is not None and self.lengths is not None
+        assert self.values is not None and self._pos is not None and self.lengths is not None
         out.keys, out.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
-        out.positions, out.lengths = self.positions[:, :, :n].clone(), self.lengths.clone()
-        out.slot_state = {k: v[:, :, :n].clone() for k, v in self.slot_state.items()}
-        out.extra = {k: v.clone() for k, v in self.extra.items()}
+        out._pos, out.lengths = self._pos[:, :, :n].clone(), self.lengths.clone()
+        out.entry_states = {k: v[:, :, :n].clone() for k, v in self.entry_states.items()}  # type: ignore[index]
         return out
 
-    # ------------------------------------------------------------------ batching
+    # ------------------------------------------------------------------ building
     @classmethod
-    def stack(cls, layers: list[KVLayer]) -> KVLayer:
-        """One layer holding the rows of several single-sequence layers (ragged lengths allowed)."""
+    def from_entries(cls, keys: Tensor, values: Tensor, positions: Tensor, lengths: Tensor | None = None,
+                     scale: float = 1.0) -> KVLayer:
+        """A layer holding exactly the given entries.
+
+        keys, values: [batch, kv_heads, L, head_dim]; positions: [batch, kv_heads, L];
+        lengths: [batch, kv_heads] entries per row (the rest of each row is free), None = all L
+        """
         out = cls()
-        if not layers or any(not layer.initialized for layer in layers):
-            return out
-        cap = max(layer.max_length for layer in layers)
-
-        def cat(get) -> Tensor:
-            parts = []
-            for layer in layers:
-                t = get(layer)[:, :, :cap]
-                if t.shape[2] < cap:
-                    pad = t.new_zeros(*t.shape[:2], cap - t.shape[2], *t.shape[3:])
-                    t = torch.cat([t, pad], dim=2)
-                parts.append(t)
-            return torch.cat(parts, dim=0)
-
-        out.keys = cat(lambda layer: layer.keys)
-        out.values = cat(lambda layer: layer.values)
-        out.positions = cat(lambda layer: layer.positions)
-        out.lengths = torch.cat([layer.lengths for layer in layers], dim=0)
-        names = set.intersection(*(set(layer.slot_state) for layer in layers))
-        out.slot_state = {n: cat(lambda layer, n=n: layer.slot_state[n]) for n in names}
-        # per-sequence compressor state (batch first, e.g. FastGen's per-head policies) stacks too
-        for n in set.intersection(*(set(layer.extra) for layer in layers)):
-            parts = [layer.extra[n] for layer in layers]
-            if all(t.dim() > 0 and t.shape[1:] == parts[0].shape[1:] for t in parts):
-                out.extra[n] = torch.cat(parts, dim=0)
-        out._refresh_lengths()
+        out.scale = scale
+        out.keys, out.values = keys.contiguous(), values.contiguous()
+        out._pos = positions.to(torch.int32).contiguous()
+        batch, heads, length = positions.shape
+        if lengths is None:
+            out.lengths = torch.full((batch, heads), length, dtype=torch.int64, device=keys.device)
+            out._set_rows([length] * (batch * heads))
+        else:
+            out.lengths = lengths.to(keys.device, torch.int64).clone()
+            out._rows_from_device()
         return out

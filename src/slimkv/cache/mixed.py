@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import attend_rows
+from .attention import AttentionMeta, attend_rows
+from .protocol import CacheLayer
 from .quantized import QuantizedLayer
 
 
-class MixedLayer:
+class MixedLayer(CacheLayer):
     """Entries of one attention layer held at two precisions (see the module docstring)."""
 
     quantized = True
@@ -38,8 +39,6 @@ class MixedLayer:
         self.scale = low.scale
         assert low.lengths is not None
         self.lengths = low.lengths.clone() + (0 if high is None else high.lengths)  # type: ignore[operator]
-        self.slot_state: dict[str, Tensor] = {}
-        self.extra: dict[str, Tensor] = {}
 
     @property
     def parts(self) -> list[QuantizedLayer]:
@@ -73,9 +72,10 @@ class MixedLayer:
         """Every byte held by both parts (codes, scales, zero points, positions, sinks, residual)."""
         return sum(p.nbytes() for p in self.parts)
 
+    @property
     def positions(self) -> Tensor:
         """int32 ``[B, H, L]``: the high part's entries, then the low part's."""
-        return torch.cat([p.positions() for p in self.parts], dim=2)
+        return torch.cat([p.positions for p in self.parts], dim=2)
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """Dequantized keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` (high part first)."""
@@ -89,46 +89,25 @@ class MixedLayer:
     def reserve(self, capacity: int) -> None:
         self.low.reserve(max(0, capacity - self.high_length))
 
+    def growth_bytes(self, tokens: int, cap: int | None = None) -> int:
+        return self.low.growth_bytes(tokens)
+
     def append(self, keys: Tensor, values: Tensor, positions: Tensor, exact: bool = False,
                cap: int | None = None) -> None:
         """New entries ``[B, H, T, D]`` (positions ``[B, T]``) join the low-precision part."""
         self.low.append(keys, values, positions)
         self.lengths = self.lengths + keys.shape[2]
 
-    def replace(self, *args, **kwargs) -> None:
-        raise RuntimeError("a quantized layer does not evict entries one at a time; evict before quantizing")
-
-    def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
-        raise RuntimeError("a quantized layer does not evict entries; evict before quantizing")
-
     def truncate(self, lengths: Tensor) -> None:
         """Speculative rollback: only the newest entries (of the low part's residual) are dropped."""
         self.low.truncate(lengths - self.high_length)
         self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
 
-    def new_slot_state(self, name: str, fill: float = 0.0) -> Tensor:
-        raise RuntimeError("a quantized layer keeps no per-entry compressor state")
-
     # ------------------------------------------------------------------ reading
-    def attend(self, query: Tensor, query_positions: Tensor, scale: float, new_tokens: int,
-               sliding_window: int | None = None, softcap: float | None = None, want_key_mass: bool = False,
-               mask_cache: dict | None = None) -> tuple[Tensor, Tensor | None]:
-        """Attention of new queries ``[B, Hq, T, D]`` over both parts (see ``KVLayer.attend``)."""
+    def attend(self, query: Tensor, meta: AttentionMeta) -> tuple[Tensor, Tensor | None]:
+        """Attention of new queries ``[B, Hq, T, D]`` over both parts (see ``CacheLayer.attend``)."""
         keys, values, positions = self.view()
-        return attend_rows(query, keys, values, positions, query_positions, scale, valid=None,
-                           new_tokens=new_tokens, sliding_window=sliding_window, softcap=softcap,
-                           want_key_mass=want_key_mass, mask_cache=mask_cache)
+        return attend_rows(query, keys, values, positions, meta)
 
     def clone(self) -> MixedLayer:
         return MixedLayer(None if self.high is None else self.high.clone(), self.low.clone())
-
-    @classmethod
-    def stack(cls, layers: list[MixedLayer]) -> MixedLayer:
-        """One layer holding the rows of several mixed layers with the same layout (equal part sizes)."""
-        if len({layer.high_length for layer in layers}) > 1:
-            raise ValueError(
-                "mixed-precision caches can be decoded in one batch only when every sequence keeps the same "
-                "number of high-precision entries; decode these requests one at a time"
-            )
-        high = None if layers[0].high is None else QuantizedLayer.stack([layer.high for layer in layers])
-        return cls(high, QuantizedLayer.stack([layer.low for layer in layers]))

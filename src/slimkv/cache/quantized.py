@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .attention import attend_rows
+from .attention import AttentionMeta
 from .coded import ROLLBACK_SLACK, CodedLayer, compact_positions, dense_slice, join_positions
 from .layer import KVLayer
 from .packing import PARAM_DTYPE, check_bits, pack, quantize, unpack
@@ -192,10 +192,11 @@ class QuantizedLayer(CodedLayer):
     def nbytes(self) -> int:
         """Every byte held: packed codes, scales, zero points, positions, lengths, residual, state."""
         tensors = [self.k_codes, self.v_codes, self.k_scale, self.k_zero, self.v_scale, self.v_zero,
-                   self.positions_q, self.lengths, *self.extra.values(), *self.slot_state.values()]
+                   self.positions_q, self.lengths]
         own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return own + self.residual.nbytes() + (0 if self.sinks is None else self.sinks.nbytes())
 
+    @property
     def positions(self) -> Tensor:
         """int32 ``[B, H, L]`` positions of all entries: sinks, quantized, residual."""
         assert self.positions_q is not None and self.k_codes is not None
@@ -218,7 +219,7 @@ class QuantizedLayer(CodedLayer):
         if self.residual.max_length:
             rk, rv, _ = self.residual.view()
             keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
-        return keys, values, self.positions()
+        return keys, values, self.positions
 
     def dequantize(self) -> tuple[Tensor, Tensor]:
         """Keys and values ``[B, H, Q, D]`` of the quantized entries, in the model dtype."""
@@ -237,34 +238,13 @@ class QuantizedLayer(CodedLayer):
         return keys.to(self.dtype), values.to(self.dtype)
 
     # ------------------------------------------------------------------ reading
-    def attend(
-        self,
-        query: Tensor,
-        query_positions: Tensor,
-        scale: float,
-        new_tokens: int,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        want_key_mass: bool = False,
-        mask_cache: dict | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Attention of new queries over this layer (call after ``append``); see ``KVLayer.attend``.
-
-        query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
-        """
+    def _fast_attention(self, query: Tensor, meta: AttentionMeta) -> Tensor | None:
+        """The fused kernel (``cache/kernels``) for one query token seeing every entry, when it can run."""
         assert self.positions_q is not None
-        simple = softcap is None and not want_key_mass and query.shape[2] == 1 and self.quantized_length > 0
-        if simple and sliding_window is not None:
-            oldest = self.sinks.view()[2] if self.sink_length else self.positions_q
-            simple = int(query_positions.max()) - int(oldest.min()) < sliding_window
-        if simple and kernels.available(query, self):
-            return kernels.decode_attention(query, self, scale), None
-        keys, values, positions = self.view()
-        return attend_rows(
-            query, keys, values, positions, query_positions, scale,
-            valid=None, new_tokens=new_tokens, sliding_window=sliding_window,
-            softcap=softcap, want_key_mass=want_key_mass, mask_cache=mask_cache,
-        )
+        oldest = self.sinks.view()[2] if self.sink_length else self.positions_q  # type: ignore[union-attr]
+        if self.simple_read(query, meta, oldest) and kernels.available(query, self):
+            return kernels.decode_attention(query, self, meta.scale)
+        return None
 
     def clone(self) -> QuantizedLayer:
         out = QuantizedLayer(self.spec, self.residual.clone(), self.dtype)
@@ -272,34 +252,6 @@ class QuantizedLayer(CodedLayer):
         out.sinks = None if self.sinks is None else self.sinks.clone()
         for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "positions_q", "lengths"):
             setattr(out, name, getattr(self, name).clone())
-        out.extra = {k: v.clone() for k, v in self.extra.items()}
-        return out
-
-    # ------------------------------------------------------------------ batching
-    @classmethod
-    def stack(cls, layers: list[QuantizedLayer]) -> QuantizedLayer:
-        """One layer holding the rows of several quantized layers with the same layout.
-
-        Sequences quantized separately can be decoded together only when they hold the same number of
-        quantized and residual entries with the same group alignment (prompts of equal length).
-        """
-        first = layers[0]
-        layout = {(layer.spec, layer.sink_length, layer.quantized_length, layer.k_pad, layer.residual.max_length)
-                  for layer in layers}
-        if len(layout) > 1:
-            raise ValueError(
-                "quantized caches can be decoded in one batch only when their prompts have the same "
-                "length (same quantized groups and residual); decode these requests one at a time"
-            )
-        out = QuantizedLayer(first.spec, KVLayer.stack([layer.residual for layer in layers]), first.dtype)
-        out.scale, out.k_pad = first.scale, first.k_pad
-        if first.sinks is not None:
-            out.sinks = KVLayer.stack([layer.sinks for layer in layers])
-        for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "lengths"):
-            setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
-        heads = first.k_codes.shape[1]
-        pos = [layer.positions_q.to(torch.int32).expand(-1, heads, -1) for layer in layers]
-        out.positions_q = compact_positions(torch.cat(pos, dim=0))
         return out
 
 

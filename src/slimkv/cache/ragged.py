@@ -5,20 +5,20 @@ A head-wise budget (AdaKV, FastGen) lets one KV head keep three times what anoth
 A :class:`RaggedLayer` holds the same entries in fixed-size pages (``block`` entries each, 8 by
 default) taken from a pool shared by the layer's rows; a row owns just the pages its entries need.
 
-Contract: the same as :class:`KVLayer` (it is a subclass, so compressors, the engine, rollback and the
-store use it unchanged); compressors that give heads different budgets return one from ``compress``
-(``RaggedLayer.from_layer``) when pages take fewer bytes than padding (:func:`pages_pay`); uniform
-rows, and short or nearly equal ones, stay in the dense layer, the fast path. ``view()``
-gathers a temporary padded copy of *this* layer only (for scoring and attention); the storage itself
-is never padded.
+Contract: the :class:`~slimkv.cache.CacheLayer` interface (``cache/protocol.py``), like the dense
+layer, so compressors, the engine and rollback use it unchanged; compressors that give heads
+different budgets return one from ``compress`` (``RaggedLayer.from_layer``) when pages take fewer
+bytes than padding (:func:`pages_pay`); uniform rows, and short or nearly equal ones, stay in the
+dense layer, the fast path. ``view()`` gathers a temporary padded copy of *this* layer only (for
+scoring and attention); the storage itself is never padded.
 
 Layout::
 
     keys, values: [pages, block, head_dim]    model dtype, the layer's page pool
-    positions:    [pages, block]              int32, original token position of each entry
+    _pos:         [pages, block]              int32, original token position of each entry
     table:        [batch, kv_heads, P]        int32, the pages of every row in order (-1 = none)
     lengths:      [batch, kv_heads]           int64, valid entries of each row
-    slot_state:   name -> PagedState          float32 per-entry state, in pages like the keys
+    entry_states: key -> PagedState           float32 per-entry state, in pages like the keys
 
 Slot ``s`` of row ``(b, h)`` is entry ``s % block`` of page ``table[b, h, s // block]``.
 
@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layer import KVLayer
+from .protocol import Room
+from .rows import RowLayer
+from .state import StateKey
 
 #: Entries per page: a row wastes fewer than this many slots.
 BLOCK = 8
@@ -80,7 +83,7 @@ class PagedState:
         return self.dense().shape
 
 
-class RaggedLayer(KVLayer):
+class RaggedLayer(RowLayer):
     """Paged per-row KV storage of one attention layer (see the module docstring for the layout)."""
 
     def __init__(self, block: int = BLOCK) -> None:
@@ -88,22 +91,24 @@ class RaggedLayer(KVLayer):
         if block < 1:
             raise ValueError(f"page size must be >= 1, got {block}")
         self.block = block
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self._pos: Tensor | None = None
         self.table: Tensor | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_layer(cls, layer: KVLayer, block: int = BLOCK) -> RaggedLayer:
-        """The entries of ``layer`` (dense or ragged) repacked into pages; extra state is shared."""
+    def from_layer(cls, layer: RowLayer, block: int = BLOCK) -> RaggedLayer:
+        """The entries of ``layer`` (dense or ragged) repacked into pages, per-entry state included."""
         out = cls(block)
         out.scale = layer.scale
-        out.extra = layer.extra
         if not layer.initialized:
             return out
         assert layer.lengths is not None
         keys, values, positions = layer.view()
         n = layer.max_length
-        states = {k: (v.dense() if isinstance(v, PagedState) else v[:, :, :n])
-                  for k, v in layer.slot_state.items()}
+        states = {k: (v.dense() if isinstance(v, PagedState) else v[:, :, :n])  # type: ignore[index]
+                  for k, v in layer.entry_states.items()}
         out._pack(keys, values, positions, layer.lengths.clone(), states)
         return out
 
@@ -122,23 +127,32 @@ class RaggedLayer(KVLayer):
             t = t[:, :, : width * self.block]
             return t.reshape(batch, heads, width, self.block, *t.shape[3:])[used].contiguous()
 
-        self.keys, self.values, self.positions = paged(keys), paged(values), paged(positions.to(torch.int32))
+        self.keys, self.values, self._pos = paged(keys), paged(values), paged(positions.to(torch.int32))
         ids = used.flatten().long().cumsum(0).view(batch, heads, width) - 1
         self.table = torch.where(used, ids, -1).to(torch.int32)
         self.lengths = lengths.to(torch.int64)
-        self.slot_state = {k: PagedState(self, paged(v.float())) for k, v in states.items()}
-        self._refresh_lengths()
+        self.entry_states = {k: PagedState(self, paged(v.float())) for k, v in states.items()}
+        self._rows_from_device()
 
     # ------------------------------------------------------------------ shape and size
+    @property
+    def initialized(self) -> bool:
+        return self.keys is not None
+
     @property
     def capacity(self) -> int:
         """Slots the widest row can address without new pages."""
         return 0 if self.table is None else self.table.shape[-1] * self.block
 
+    @property
+    def positions(self) -> Tensor:
+        assert self._pos is not None
+        return self._pos.view(-1)[self._slot_index()]
+
     def nbytes(self) -> int:
         """Every byte: the page pool (keys, values, positions, state), the page table and lengths."""
-        tensors = [self.keys, self.values, self.positions, self.lengths, self.table]
-        tensors += [s.pool for s in self.slot_state.values()] + list(self.extra.values())
+        tensors = [self.keys, self.values, self._pos, self.lengths, self.table]
+        tensors += [s.pool for s in self.entry_states.values()]  # type: ignore[attr-defined]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _slot_index(self) -> Tensor:
@@ -152,30 +166,38 @@ class RaggedLayer(KVLayer):
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """A temporary padded copy: keys, values ``[B, H, L, D]`` and positions ``[B, H, L]``."""
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         flat = self._slot_index()
         dim = self.keys.shape[-1]
         return (self.keys.view(-1, dim)[flat], self.values.view(-1, dim)[flat],
-                self.positions.view(-1)[flat])
+                self._pos.view(-1)[flat])
 
     # ------------------------------------------------------------------ allocation
     def reserve(self, capacity: int) -> None:
         """Nothing to do: pages are taken when entries arrive (reserving would only add slack)."""
 
-    def rehome(self, capacity: int, alloc) -> None:
-        raise NotImplementedError("a ragged layer cannot be moved into mapped files; only full caches are")
+    def growth_bytes(self, tokens: int, cap: int | None = None) -> int:
+        """Bytes of the pages ``tokens`` more entries per row would take (at most; a row that kept pages
+        after a rollback may need fewer)."""
+        if self.keys is None:
+            return 0
+        pages = sum(max(0, -(-(n + tokens) // self.block) - -(-n // self.block)) for n in self._rows)
+        dim, element = self.keys.shape[-1], self.keys.element_size()
+        page = self.block * (2 * dim * element + 4 + 4 * len(self.entry_states))
+        return pages * page + 4 * len(self._rows) * -(-tokens // self.block)  # pages and table columns
 
-    def new_slot_state(self, name: str, fill: float = 0.0) -> PagedState:  # type: ignore[override]
-        if name not in self.slot_state:
-            assert self.positions is not None
-            pool = torch.full(self.positions.shape, fill, dtype=torch.float32, device=self.positions.device)
-            self.slot_state[name] = PagedState(self, pool)
-        return self.slot_state[name]  # type: ignore[return-value]
+    def entry_state(self, key: StateKey, fill: float = 0.0) -> PagedState:  # type: ignore[override]
+        state = self.entry_states.get(key)
+        if state is None:
+            assert self._pos is not None
+            pool = torch.full(self._pos.shape, fill, dtype=torch.float32, device=self._pos.device)
+            state = self.entry_states[key] = PagedState(self, pool)
+        return state  # type: ignore[return-value]
 
     def _grow_rows(self, new_lengths: Tensor) -> None:
         """Give every row the pages ``new_lengths`` entries need (exactly; owned pages are reused)."""
         assert self.table is not None and self.keys is not None and self.values is not None
-        assert self.positions is not None
+        assert self._pos is not None
         owned = (self.table >= 0).sum(-1)  # [B, H]
         need = ((new_lengths + self.block - 1) // self.block - owned).clamp(min=0)
         total = int(need.sum())
@@ -189,9 +211,9 @@ class RaggedLayer(KVLayer):
         def more(t: Tensor) -> Tensor:
             return torch.cat([t, t.new_zeros(total, *t.shape[1:])])
 
-        self.keys, self.values, self.positions = more(self.keys), more(self.values), more(self.positions)
-        for state in self.slot_state.values():
-            state.pool = more(state.pool)
+        self.keys, self.values, self._pos = more(self.keys), more(self.values), more(self._pos)
+        for state in self.entry_states.values():
+            state.pool = more(state.pool)  # type: ignore[attr-defined]
         # new page ids, handed out row after row; row r's k-th new page goes to table slot owned + k
         rank = torch.arange(width, device=need.device)
         fresh = (rank >= owned[..., None]) & (rank < (owned + need)[..., None])  # [B, H, P]
@@ -208,32 +230,32 @@ class RaggedLayer(KVLayer):
         self._grow_rows(self.lengths + tokens)
         self._write(slots, keys, values, positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens))
         self.lengths = self.lengths + tokens
-        self._refresh_lengths()
+        self._add_rows(None, tokens)
 
-    def replace(self, slots: Tensor, full: Tensor, keys: Tensor, values: Tensor, positions: Tensor,
-                cap: int | None = None) -> None:
-        """Decode-phase write of one token per row, over ``slots`` where ``full`` ([B, H])."""
+    def replace(self, room: Room, keys: Tensor, values: Tensor, positions: Tensor, cap: int | None = None) -> None:
+        """Decode-phase write of one token per row, over the evicted slot of full rows (see ``Room``)."""
         assert self.lengths is not None
+        full = room.full.to(self.lengths.device)
         grown = self.lengths + (~full).long()
         self._grow_rows(grown)
-        target = torch.where(full, slots, self.lengths)[..., None]  # [B, H, 1]
+        target = torch.where(full, room.slots, self.lengths)[..., None]  # [B, H, 1]
         batch, heads = full.shape
         self._write(target, keys, values, positions.to(torch.int32)[:, None, :].expand(batch, heads, 1))
         self.lengths = grown
-        self._refresh_lengths()
+        self._add_rows([not f for f in room.full_rows()], 1)
 
     def _write(self, slots: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> None:
         """Write [B, H, T] row slots (their pages exist) with keys/values [B, H, T, D], pos [B, H, T]."""
         assert self.table is not None and self.keys is not None and self.values is not None
-        assert self.positions is not None
+        assert self._pos is not None
         page = self.table.gather(2, slots // self.block).long()
         flat = (page * self.block + slots % self.block).reshape(-1)
         dim = self.keys.shape[-1]
         self.keys.view(-1, dim)[flat] = keys.reshape(-1, dim).to(self.keys.dtype)
         self.values.view(-1, dim)[flat] = values.reshape(-1, dim).to(self.values.dtype)
-        self.positions.view(-1)[flat] = pos.reshape(-1)
-        for state in self.slot_state.values():
-            state.pool.view(-1)[flat] = 0.0
+        self._pos.view(-1)[flat] = pos.reshape(-1)
+        for state in self.entry_states.values():
+            state.pool.view(-1)[flat] = 0.0  # type: ignore[attr-defined]
 
     def keep(self, indices: Tensor, lengths: Tensor | None = None) -> None:
         """Keep the entries at ``indices`` [B, H, k] (rows keep their first ``lengths``); repacked."""
@@ -241,7 +263,7 @@ class RaggedLayer(KVLayer):
         indices = indices.sort(dim=-1).values
         keys, values, positions = self.view()
         idx = indices[..., None].expand(*indices.shape, keys.shape[-1])
-        states = {k: v.dense().gather(2, indices) for k, v in self.slot_state.items()}
+        states = {k: v.dense().gather(2, indices) for k, v in self.entry_states.items()}  # type: ignore[attr-defined]
         k = indices.shape[-1]
         lengths = lengths.clone() if lengths is not None else torch.full_like(self.lengths, k)
         self._pack(keys.gather(2, idx), values.gather(2, idx), positions.gather(2, indices), lengths, states)
@@ -249,7 +271,7 @@ class RaggedLayer(KVLayer):
     def select_tail(self, lengths: Tensor, index: Tensor) -> None:
         """Keep, of the entries appended since a row held ``lengths`` [B, H], those at offsets ``index``
         [n] (increasing; a verified token tree's path), moved to the slots right after ``lengths``."""
-        assert self.keys is not None and self.values is not None and self.positions is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         index = index.to(self.keys.device, torch.long)
         if index.numel() and not bool((index[1:] > index[:-1]).all()):
             raise ValueError("select_tail needs increasing offsets")
@@ -259,33 +281,19 @@ class RaggedLayer(KVLayer):
         src = flat.gather(2, lengths[..., None] + index).reshape(-1)  # [B * H * n]
         dst = flat.gather(2, lengths[..., None] + torch.arange(n, device=index.device)).reshape(-1)
         dim = self.keys.shape[-1]
-        for pool in (self.keys.view(-1, dim), self.values.view(-1, dim), self.positions.view(-1),
-                     *(state.pool.view(-1) for state in self.slot_state.values())):
+        for pool in (self.keys.view(-1, dim), self.values.view(-1, dim), self._pos.view(-1),
+                     *(state.pool.view(-1) for state in self.entry_states.values())):  # type: ignore[attr-defined]
             pool[dst] = pool[src].clone()  # read every source before writing (a source may be a target)
         self.truncate(lengths + n)
 
     def to_dense(self) -> KVLayer:
         """The same entries in a dense, padded :class:`KVLayer` (rows padded to the longest)."""
-        out = KVLayer()
-        out.scale, out.extra = self.scale, self.extra
-        keys, values, positions = self.view()
-        out.keys, out.values, out.positions = keys, values, positions
         assert self.lengths is not None
-        out.lengths = self.lengths.clone()
-        out.slot_state = {k: v.dense() for k, v in self.slot_state.items()}
-        out._refresh_lengths()
+        keys, values, positions = self.view()
+        out = KVLayer.from_entries(keys, values, positions, self.lengths, self.scale)
+        out.entry_states = {k: v.dense() for k, v in self.entry_states.items()}  # type: ignore[attr-defined]
         return out
 
     def clone(self) -> RaggedLayer:
         """An independent copy (compacted: exactly the pages the entries need)."""
-        out = RaggedLayer.from_layer(self, self.block)
-        out.extra = {k: v.clone() for k, v in self.extra.items()}
-        return out
-
-    @classmethod
-    def stack(cls, layers: list[KVLayer]) -> RaggedLayer:  # type: ignore[override]
-        """One layer holding the rows of several layers (dense or ragged), repacked into pages."""
-        dense = KVLayer.stack([layer.to_dense() if isinstance(layer, RaggedLayer) else layer
-                               for layer in layers])
-        block = next((layer.block for layer in layers if isinstance(layer, RaggedLayer)), BLOCK)
-        return cls.from_layer(dense, block)
+        return RaggedLayer.from_layer(self, self.block)

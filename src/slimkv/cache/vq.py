@@ -26,12 +26,14 @@ Layout (``Q`` coded entries per row, ``S`` stages)::
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .attention import attend_rows
+from .attention import AttentionMeta
 from .coded import ROLLBACK_SLACK, CodedLayer, compact_positions, dense_slice, join_positions
 from .layer import KVLayer
 from .vq_codes import HALF, decode, decode_unit, encode, rope, rotate_half, unpack_codes
@@ -57,6 +59,26 @@ class VQBooks:
     @property
     def stages(self) -> int:
         return self.k_alpha.shape[1]
+
+    def __reduce__(self) -> tuple:
+        """A parked cache (``engine/pool.py``) refers to the shared codebooks instead of copying them."""
+        token = self.__dict__.get("_token")
+        if token is None:
+            token = next(_TOKENS)
+            object.__setattr__(self, "_token", token)
+            _SHARED[token] = self
+        return (_shared_books, (token,))
+
+
+_SHARED: weakref.WeakValueDictionary[int, VQBooks] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
+
+
+def _shared_books(token: int) -> VQBooks:
+    try:
+        return _SHARED[token]
+    except KeyError:
+        raise RuntimeError("a parked CommVQ cache outlived its codebooks (they are shared, never copied)") from None
 
 
 def _by_head(x: Tensor) -> Tensor:
@@ -133,10 +155,10 @@ class VQLayer(CodedLayer):
 
     def nbytes(self) -> int:
         """Every byte held: codes, norms, positions, lengths, residual (the shared codebooks are not)."""
-        tensors = [self.k_codes, self.v_codes, self.k_norm, self.v_norm, self.positions_q, self.lengths,
-                   *self.extra.values()]
+        tensors = [self.k_codes, self.v_codes, self.k_norm, self.v_norm, self.positions_q, self.lengths]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None) + self.residual.nbytes()
 
+    @property
     def positions(self) -> Tensor:
         """int32 ``[B, H, L]`` positions, coded entries first, residual after."""
         assert self.positions_q is not None and self.k_codes is not None
@@ -161,26 +183,13 @@ class VQLayer(CodedLayer):
         if self.residual.max_length:
             rk, rv, _ = self.residual.view()
             keys, values = torch.cat([keys, rk], dim=2), torch.cat([values, rv], dim=2)
-        return keys, values, self.positions()
+        return keys, values, self.positions
 
     # ------------------------------------------------------------------ reading
-    def attend(self, query: Tensor, query_positions: Tensor, scale: float, new_tokens: int,
-               sliding_window: int | None = None, softcap: float | None = None,
-               want_key_mass: bool = False, mask_cache: dict | None = None) -> tuple[Tensor, Tensor | None]:
-        """Attention of new queries over this layer (call after ``append``); see ``KVLayer.attend``.
-
-        query: [batch, q_heads, tokens, head_dim]; query_positions: [batch, tokens]
-        """
+    def _fast_attention(self, query: Tensor, meta: AttentionMeta) -> Tensor | None:
+        """Attention on codes for one query token seeing every entry (see :meth:`_decode_attention`)."""
         assert self.positions_q is not None
-        simple = softcap is None and not want_key_mass and query.shape[2] == 1 and self.quantized_length > 0
-        if simple and sliding_window is not None:
-            simple = int(query_positions.max()) - int(self.positions_q.min()) < sliding_window
-        if simple:
-            return self._decode_attention(query, scale), None
-        keys, values, positions = self.view()
-        return attend_rows(query, keys, values, positions, query_positions, scale, valid=None,
-                           new_tokens=new_tokens, sliding_window=sliding_window, softcap=softcap,
-                           want_key_mass=want_key_mass, mask_cache=mask_cache)
+        return self._decode_attention(query, meta.scale) if self.simple_read(query, meta, self.positions_q) else None
 
     def _decode_attention(self, query: Tensor, scale: float) -> Tensor:
         """One query token seeing every entry: ``[B, Hq, 1, D]`` -> ``[B, Hq, 1, D]``.
@@ -230,22 +239,4 @@ class VQLayer(CodedLayer):
         out.scale = self.scale
         for name in ("k_codes", "v_codes", "k_norm", "v_norm", "positions_q", "lengths"):
             setattr(out, name, getattr(self, name).clone())
-        out.extra = {k: v.clone() for k, v in self.extra.items()}
         return out
-
-    @classmethod
-    def stack(cls, layers: list[VQLayer]) -> VQLayer:
-        """One layer holding the rows of several coded layers with the same layout (equal prompt lengths)."""
-        first = layers[0]
-        if len({(layer.quantized_length, layer.residual.max_length) for layer in layers}) > 1:
-            raise ValueError("CommVQ caches can be decoded in one batch only when their prompts have the same "
-                             "length; decode these requests one at a time")
-        out = VQLayer(first.books, KVLayer.stack([layer.residual for layer in layers]), first.dtype)
-        out.scale = first.scale
-        for name in ("k_codes", "v_codes", "k_norm", "v_norm", "lengths"):
-            setattr(out, name, torch.cat([getattr(layer, name) for layer in layers], dim=0))
-        heads = first.k_codes.shape[1]
-        out.positions_q = compact_positions(torch.cat(
-            [layer.positions_q.to(torch.int32).expand(-1, heads, -1) for layer in layers], dim=0))
-        return out
-

@@ -68,7 +68,7 @@ def _triattention(args: argparse.Namespace, model, tokenizer) -> dict:
     from ..engine import Engine
 
     engine = Engine(model, tokenizer)
-    centres = measure(engine, tokens=args.tokens or DEFAULT_TOKENS, text=args.text or DEFAULT_TEXT)
+    centres = measure(engine.runner, tokens=args.tokens or DEFAULT_TOKENS, text=args.text or DEFAULT_TEXT)
     path = save_centres(centres)
     # how concentrated the queries are: |E q| / E|q| per pair, averaged (1 = every query on its centre)
     concentration = float((centres.mean.abs() / centres.abs_mean.clamp(min=1e-12)).mean())
@@ -79,15 +79,16 @@ def _triattention(args: argparse.Namespace, model, tokenizer) -> dict:
 def _commvq(args: argparse.Namespace, model, tokenizer) -> dict:
     from ..compressors import make_compressor
     from ..compressors.quantization import commvq_calibration as cal
-    from ..models import ModelAdapter
+    from ..engine import Engine
 
-    adapter = ModelAdapter(model)
+    runner = Engine(model, tokenizer).runner
+    adapter = runner.adapter
     comp = make_compressor(f"commvq{args.bits}", tokens=args.tokens or 4096, iters=args.iters)
     calib = comp.calibration(adapter.spec.head_dim)
     path = cal.codebook_path(adapter.fingerprint(), calib)
     if args.force:
         path.unlink(missing_ok=True)
-    books = cal.load_or_fit(adapter, tokenizer, calib)
+    books = cal.load_or_fit(runner, calib)
     return {"method": args.method, "model": args.model, "path": str(path), "stages": calib.stages,
             "tokens": calib.tokens, "iters": calib.iters,
             "key_error": round(float(books["k_error"][..., -1].mean()), 4),
@@ -101,7 +102,7 @@ def _kivi(args: argparse.Namespace, model, tokenizer) -> dict:
 
     engine = Engine(model, tokenizer)
     comp = make_compressor("kivi2")
-    result = cal.measure(engine, comp.spec, text=args.text or cal.DEFAULT_TEXT,
+    result = cal.measure(engine.runner, comp.spec, text=args.text or cal.DEFAULT_TEXT,
                          context=args.tokens or cal.DEFAULT_CONTEXT)
     path = cal.save(result, comp.spec)
     return {"method": args.method, "model": args.model, "fingerprint": result.model, "text": result.text,

@@ -1,20 +1,30 @@
 """The compressor interface: a method is a small dataclass that overrides :meth:`Compressor.score`.
 
+A compressor is configuration only (frozen in use: the engine shares one object between concurrent
+requests). What it learns about a model is *bound* data, and what it records about a request is
+*state* kept in that request's cache.
+
 Contract (who calls what, in which order; the engine drives it, see ``engine/forward.py``):
 
-0. ``bind(engine)`` - whenever an engine takes the compressor (``Engine(...)``,
-   ``Engine.with_compressor``, the perplexity evaluator), before it acts. Methods that need something of the model itself (TriAttention's
-   calibrated query centres and RoPE frequencies) load it here; the others ignore it.
+0. ``bind(model)`` - once per model, when a request with this compressor is submitted (or ahead of
+   time: ``Engine.bind``). Methods that need something of the model itself (TriAttention's calibrated
+   query centres, KIVI's wide-key layers, CommVQ's codebooks) load or measure it and *return* it; the
+   engine keeps it and hands it back in every :class:`ScoreContext` (``ctx.bound``). Others return None.
 1. ``observe(layer, ctx, query, key_mass)`` - during every forward pass in an active phase, right
-   after the layer's attention. Methods that need queries (SnapKV's observation window) or attention
-   mass (H2O) keep it in the layer (``layer.extra`` / ``layer.slot_state``). ``key_mass`` is passed
-   only to methods with ``needs_key_mass = True``; it costs an explicit attention computation.
+   after the layer's attention (never on a quantized layer). Methods that need queries (SnapKV's
+   observation window) or attention mass (H2O) record them in the request's state, under their
+   :attr:`Compressor.state_key`: ``ctx.states`` (typed objects, ``cache/state.py``) or
+   ``layer.entry_state`` (a value per entry). The engine calls the ``recorders`` of a request's
+   methods, each state key once per pass, so methods recording alike share one record.
+   ``key_mass`` is passed only to methods with ``needs_key_mass = True``; it costs an explicit
+   attention computation.
 2. ``compress(layer, ctx)`` - after a prefill segment (prefill phase) or after a multi-token pass in
    the decode phase: ``select`` the ``ctx.keep`` highest-scored entries of every row, let ``merge``
    fold the others into the kept ones (merging methods; eviction methods drop them), then free them.
    It may return a layer object that replaces ``layer`` in the cache (quantizers return a
    :class:`~slimkv.cache.QuantizedLayer`); eviction methods shrink the layer in place and return None.
    A pipeline passes its merging stage as ``merger``: the eviction stage chooses, the merger folds.
+   The engine then frees every state but :meth:`Compressor.kept_states`.
 3. ``make_room(layer, ctx)`` - decode phase, before one new token is written: for rows at their
    budget, pick the entry to evict (the lowest score); the new token takes its slot.
 
@@ -29,17 +39,52 @@ paged :class:`~slimkv.cache.RaggedLayer`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from ..cache import KVLayer, RaggedLayer
+from ..cache import CacheLayer, LayerStates, RaggedLayer, Room, StateKey
 from ..cache.ragged import pages_pay
 from ..errors import ConfigError
 from .allocation import allocate_heads, check_allocation
 from .schedules import check_schedule, layer_keep
+
+if TYPE_CHECKING:
+    from ..cache import SlimCache
+    from ..models.adapter import ModelAdapter
+
+#: When a method acts: on the prompt, on every generated token, or both.
+Phase = Literal["prefill", "decode", "both"]
+
+
+class QueryWatcher(Protocol):
+    """Called with every layer's queries of a pass (what calibrating query statistics needs)."""
+
+    def __call__(self, layer_idx: int, query: Tensor, positions: Tensor) -> None:
+        """query: [1, q_heads, T, head_dim] (RoPE applied); positions: [1, T]."""
+
+
+class ModelAccess(Protocol):
+    """What binding a method to a model may use (the engine's ``ModelRunner`` provides it)."""
+
+    adapter: ModelAdapter
+    tokenizer: Any
+    prefill_chunk: int
+
+    def new_cache(self) -> SlimCache: ...
+
+    def prefill(self, cache: SlimCache, ids: list[int]) -> Tensor:
+        """Feed ``ids`` to a full (uncompressed) cache; last logits [1, vocab]."""
+        ...
+
+    def extend(self, cache: SlimCache, ids: list[int], all_logits: bool = False,
+               watch: QueryWatcher | None = None) -> Tensor:
+        """One forward pass appending ``ids`` to ``cache`` (no compressor); logits [1, T or 1, vocab]."""
+        ...
+
 
 PHASES = ("prefill", "decode", "both")
 
@@ -52,9 +97,11 @@ class ScoreContext:
     keep: [batch] entries each row of this layer should hold after the operation
     seen: [batch] tokens processed per sequence, counting a token about to be added
     phase: "prefill" or "decode"
+    states: this layer's compressor states of the sequence (``cache/state.py``)
     punctuation: [batch, tokens] bool, which new tokens of this pass are punctuation; given to
                  observers with ``needs_punctuation`` by the engine's prefill and generation loop
                  (None otherwise)
+    bound: what ``bind`` returned for this compressor and model (None if it needs nothing)
     """
 
     layer_idx: int
@@ -62,7 +109,9 @@ class ScoreContext:
     keep: Tensor
     seen: Tensor
     phase: str
+    states: LayerStates = dataclasses.field(default_factory=LayerStates)
     punctuation: Tensor | None = None
+    bound: Any = None
 
 
 @dataclass
@@ -82,7 +131,7 @@ class Compressor:
 
     ratio: float | None = None
     budget: int | None = None
-    phase: str | None = None
+    phase: Phase | None = None
     schedule: str = "uniform"
     beta: float = 20.0
     allocation: str = "uniform"
@@ -96,9 +145,11 @@ class Compressor:
     needs_key_mass: ClassVar[bool] = False
     needs_punctuation: ClassVar[bool] = False  # observe() reads ctx.punctuation (FastGen)
     decodes_per_head: ClassVar[bool] = False  # make_room follows per-head rules (FastGen): head-wise allocation may decode
-    #: ``layer.extra`` entries that outlive a compression when the decode phase follows (ALISA's latest
-    #: queries, FastGen's per-head policies); every other entry is prefill state and is dropped
-    decode_state: ClassVar[tuple[str, ...]] = ()
+    #: settings that change what ``observe`` records (they name its state with the recording class)
+    state_fields: ClassVar[tuple[str, ...]] = ()
+    #: the recorded state is still needed while decoding (ALISA's latest queries, H2O's accumulated
+    #: mass, FastGen's per-head policies); otherwise it is freed once the prompt is compressed
+    decode_state: ClassVar[bool] = False
     excludes: ClassVar[bool] = False  # score() gives -inf to entries never kept, even under budget
     quantizes: ClassVar[bool] = False  # stores entries in fewer bits (see ``quantization/``)
 
@@ -150,19 +201,46 @@ class Compressor:
             kept = torch.clamp((seen.double() * (1.0 - float(self.ratio or 0.0))).long(), min=1)  # int(), as kvpress
         return layer_keep(kept, seen, layer_idx, num_layers, self.schedule, self.beta)
 
-    def bind(self, engine) -> None:
-        """Load what this method needs from the model ``engine`` runs (default: nothing).
+    def bind(self, model: ModelAccess) -> Any:
+        """What this method needs of ``model`` (calibrations, RoPE tables), or None (the default).
 
-        Called by the engine before the compressor acts; must be cheap when called again for the
-        same model (the engine calls it for every ``with_compressor``).
+        Called once per model and compressor by the engine (``Engine.bind``), which keeps the result
+        and gives it back as ``ctx.bound``; a method never stores it on itself.
         """
+        return None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> StateKey:
+        """Who owns what this method records: the class that defines its ``observe`` (its own class if
+        it observes nothing) and the values of its ``state_fields``."""
+        owner = next((k for k in type(self).__mro__ if "observe" in vars(k) and k is not Compressor), type(self))
+        return (owner.__qualname__, *(getattr(self, f) for f in self.state_fields))
+
+    def recorders(self, phase: str) -> list[Compressor]:
+        """The methods whose ``observe`` the engine calls for this one in ``phase``: itself when it
+        observes and acts in that phase; a composite names the parts that record (a pipeline's
+        stages, the SnapKV votes KVMerger borrows). The engine calls each state key once per pass."""
+        return [self] if self.active(phase) and type(self).observe is not Compressor.observe else []
+
+    def kept_states(self) -> set[StateKey]:
+        """State keys still needed after compression: the method's own when it also decodes."""
+        return {self.state_key} if self.decode_state and self.active("decode") else set()
+
+    def state_bytes(self, spec: Any, q_heads: int, tokens: int) -> int:
+        """Most bytes the state recorded for one request of ``tokens`` tokens can hold (all layers).
+
+        spec: the model's :class:`~slimkv.cache.CacheSpec`. The engine's KV pool reserves it on
+        admission. Score-only methods record nothing (0).
+        """
+        return 0
 
     # ------------------------------------------------------------------ the one method to override
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         """Importance of every slot of ``layer.view()``: ``[batch, kv_heads, L]``, higher = keep."""
         raise NotImplementedError
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         """Record what scoring will need (called after each attention in an active phase).
 
@@ -170,7 +248,7 @@ class Compressor:
         key_mass: [batch, kv_heads, L] attention each slot received, if ``needs_key_mass``
         """
 
-    def merge(self, layer: KVLayer, ctx: ScoreContext, kept: Tensor, lengths: Tensor | None) -> None:
+    def merge(self, layer: CacheLayer, ctx: ScoreContext, kept: Tensor, lengths: Tensor | None) -> None:
         """Fold the entries about to be freed into kept ones, in place (merging methods override this).
 
         kept:    [batch, kv_heads, k] slots each row keeps (the rest of ``layer.view()`` is freed next)
@@ -179,7 +257,7 @@ class Compressor:
         """
 
     # ------------------------------------------------------------------ driven by the engine
-    def select(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor | None]:
+    def select(self, layer: CacheLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor | None]:
         """The ``ctx.keep`` best slots of every row by ``score``: ``(kept [B, H, k], lengths or None)``.
 
         Call only when some row holds more than ``ctx.keep`` entries. For ragged rows ``lengths``
@@ -201,7 +279,7 @@ class Compressor:
         indices = torch.where(rank < lengths[..., None], indices, length)
         return indices.sort(dim=-1).values.clamp(max=length - 1), lengths
 
-    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
+    def compress(self, layer: CacheLayer, ctx: ScoreContext, merger: Compressor | None = None) -> CacheLayer | None:
         """Keep the ``ctx.keep`` best entries of every row; merge or free the rest (real bytes).
 
         merger: the method whose ``merge`` folds the freed entries into the kept ones (a pipeline's
@@ -213,24 +291,15 @@ class Compressor:
         if self.allocation == "head":
             return self._compress_heads(layer, ctx, merger)
         assert layer.lengths is not None
-        keep = ctx.keep.to(layer.lengths.device)[:, None]  # [B, 1]
-        if bool((layer.lengths <= keep).all()):
-            self.drop_state(layer)
-            return
+        if max(layer.host_lengths(), default=0) <= int(ctx.keep.max()):
+            return None
         indices, lengths = self.select(layer, ctx)
         (merger or self).merge(layer, ctx, indices, lengths)
         layer.keep(indices, lengths)
-        self.drop_state(layer)
+        return None
 
-    def drop_state(self, layer: KVLayer) -> None:
-        """Free what observing the prompt left in ``layer.extra``, but the ``decode_state`` entries
-        when this method also acts while decoding."""
-        kept = {k: layer.extra[k] for k in self.decode_state if k in layer.extra} if self.active("decode") else {}
-        layer.extra.clear()
-        layer.extra.update(kept)
-
-    def _compress_heads(self, layer: KVLayer, ctx: ScoreContext,
-                        merger: Compressor | None = None) -> KVLayer | None:
+    def _compress_heads(self, layer: CacheLayer, ctx: ScoreContext,
+                        merger: Compressor | None = None) -> CacheLayer | None:
         """Keep ``kv_heads * ctx.keep`` entries per sequence, shared by score over the heads (AdaKV).
 
         Returns a :class:`RaggedLayer` replacing ``layer`` when heads end up with different counts.
@@ -239,7 +308,6 @@ class Compressor:
         keep = ctx.keep.to(layer.lengths.device)  # [B]
         total = keep * layer.lengths.shape[1]
         if bool((layer.lengths.sum(dim=-1) <= total).all()) and not self.excludes:
-            self.drop_state(layer)
             return None
         scores = self.score(layer, ctx).float().masked_fill(~layer.valid_mask(), float("-inf"))
         lengths, indices = allocate_heads(scores, total, (keep.double() * self.floor).long())
@@ -249,20 +317,25 @@ class Compressor:
                                  "merge on the first compression")
             (merger or self).merge(layer, ctx, indices, lengths)
         layer.keep(indices, lengths)
-        self.drop_state(layer)
         if isinstance(layer, RaggedLayer) or not pages_pay(lengths):
             return None  # (equal or nearly equal heads: padding costs less than pages)
         return RaggedLayer.from_layer(layer)
 
-    def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
-        """Decode phase: ``(victim slots [B, H], full [B, H])`` before one token is added, or None."""
+    def make_room(self, layer: CacheLayer, ctx: ScoreContext, cap: int) -> Room | None:
+        """Decode phase, before one token is added: where every row writes it, or None (all append).
+
+        cap: this row's budget ``ctx.keep`` read on the host; rows holding ``cap`` entries evict the
+        lowest-scored one. Rows are compared on the host, so only a full row touches the device.
+        """
         if not layer.initialized:
             return None
-        assert layer.lengths is not None
-        full = layer.lengths >= ctx.keep.to(layer.lengths.device)[:, None]
-        if not bool(full.any()):
+        host_full = [n >= cap for n in layer.host_lengths()]
+        if not any(host_full):
             return None
+        assert layer.lengths is not None
         scores = self.score(layer, ctx).float()
         if not layer.uniform:
             scores = scores.masked_fill(~layer.valid_mask(), float("inf"))
-        return scores.argmin(dim=-1), full
+        full = torch.tensor(host_full, device=scores.device).view(layer.lengths.shape)
+        return Room(scores.argmin(dim=-1), full, host_full)
+

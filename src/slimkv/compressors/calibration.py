@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..models.embedded import cache_root, sha256
+from .base import ModelAccess
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,16 @@ def unrotate(query: Tensor, positions: Tensor, inv_freq: Tensor, scaling: float)
 
 
 class _QueryRecorder:
-    """An attention sink that sums pre-RoPE queries per layer, then attends like the wrapped context."""
+    """Sums every layer's pre-RoPE queries (a ``QueryWatcher``): mean and mean modulus per query head."""
 
-    def __init__(self, inner, ropes, mean: Tensor, abs_mean: Tensor) -> None:
-        self.inner, self.ropes, self.mean, self.abs_mean = inner, ropes, mean, abs_mean
+    def __init__(self, ropes, mean: Tensor, abs_mean: Tensor) -> None:
+        self.ropes, self.mean, self.abs_mean = ropes, mean, abs_mean
 
-    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
-               sliding_window: int | None, softcap: float | None) -> Tensor:
+    def __call__(self, layer_idx: int, query: Tensor, positions: Tensor) -> None:
         rope = self.ropes[layer_idx]
-        pre = unrotate(query, self.inner.positions, rope.inv_freq, rope.scaling)  # [1, Hq, T, F]
+        pre = unrotate(query, positions, rope.inv_freq, rope.scaling)  # [1, Hq, T, F]
         self.mean[layer_idx] += pre.sum(dim=(0, 2)).cpu()
         self.abs_mean[layer_idx] += pre.abs().sum(dim=(0, 2)).cpu()
-        return self.inner.attend(layer_idx, query, key, value, scale, sliding_window, softcap)
 
 
 def calibration_ids(tokenizer, text: str, tokens: int) -> list[int]:
@@ -127,26 +126,20 @@ def calibration_ids(tokenizer, text: str, tokens: int) -> list[int]:
 
 
 @torch.inference_mode()
-def measure(engine, tokens: int = DEFAULT_TOKENS, text: str = DEFAULT_TEXT) -> QueryCentres:
-    """Query centres of ``engine``'s model over ``tokens`` tokens of ``text`` (full cache, no compression)."""
-    from ..engine.forward import ForwardContext
-
-    adapter = engine.adapter
+def measure(model: ModelAccess, tokens: int = DEFAULT_TOKENS, text: str = DEFAULT_TEXT) -> QueryCentres:
+    """Query centres of ``model`` over ``tokens`` tokens of ``text`` (full cache, no compression)."""
+    adapter = model.adapter
     spec = adapter.spec
     ropes = [adapter.rope(i) for i in range(spec.layers)]
-    ids = calibration_ids(engine.tokenizer, text, min(tokens, adapter.max_positions - 1))
+    ids = calibration_ids(model.tokenizer, text, min(tokens, adapter.max_positions - 1))
     half = spec.head_dim // 2
     mean = torch.zeros(spec.layers, adapter.q_heads, half, dtype=torch.complex64)
     abs_mean = torch.zeros(spec.layers, adapter.q_heads, half)
-    cache = engine.new_cache()
-    with adapter.attached():
-        for start in range(0, len(ids), engine.prefill_chunk):
-            chunk = ids[start : start + engine.prefill_chunk]
-            positions = torch.arange(start, start + len(chunk), device=adapter.device)[None]
-            inner = ForwardContext(cache, positions, None, phase="prefill")
-            sink = _QueryRecorder(inner, ropes, mean, abs_mean)
-            adapter.forward(torch.tensor([chunk], device=adapter.device), positions, sink)
-            cache.seen[0] += len(chunk)
+    cache = model.new_cache()
+    recorder = _QueryRecorder(ropes, mean, abs_mean)
+    cache.reserve(len(ids))
+    for start in range(0, len(ids), model.prefill_chunk):
+        model.extend(cache, ids[start : start + model.prefill_chunk], watch=recorder)
     return QueryCentres(mean / len(ids), abs_mean / len(ids), adapter.fingerprint(), str(text), len(ids))
 
 
@@ -183,9 +176,9 @@ def load_centres(fingerprint: str, layers: int, q_heads: int, half: int) -> Quer
     return QueryCentres(mean, data["abs_mean"], fingerprint, manifest["text"], int(manifest["tokens"]))
 
 
-def ensure_centres(engine) -> QueryCentres:
-    """Cached centres of ``engine``'s model, measured (with the defaults) and cached first if needed."""
-    adapter = engine.adapter
+def ensure_centres(model: ModelAccess) -> QueryCentres:
+    """Cached centres of ``model``, measured (with the defaults) and cached first if needed."""
+    adapter = model.adapter
     fingerprint = adapter.fingerprint()
     found = load_centres(fingerprint, adapter.spec.layers, adapter.q_heads, adapter.spec.head_dim // 2)
     if found is not None:
@@ -193,7 +186,7 @@ def ensure_centres(engine) -> QueryCentres:
     log.info("triattention: no query centres cached for this model (%s); measuring them on %d tokens of "
              "%r (once; `slimkv calibrate triattention` redoes it with other text)",
              fingerprint, DEFAULT_TOKENS, DEFAULT_TEXT)
-    centres = measure(engine)
+    centres = measure(model)
     path = save_centres(centres)
     log.info("triattention: query centres cached at %s", path)
     return centres

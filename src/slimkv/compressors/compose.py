@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
-from ..cache import KVLayer
+from ..cache import CacheLayer, CacheSpec, Room, StateKey
 from ..errors import ConfigError
-from .base import Compressor, ScoreContext
+from .base import Compressor, ModelAccess, ScoreContext
 
 #: the order stages must come in, by kind
 ORDER = ("eviction", "merging", "quantization")
@@ -67,7 +68,7 @@ class Pipeline(Compressor):
         _check_order(self.stages)
         self._plan = _plan(self.name, self.stages)
         deciders = [s for s in self.stages if s.active("decode")]
-        quantizing = any(getattr(s, "quantizes", False) for s in self.stages)
+        quantizing = any(s.quantizes for s in self.stages)
         if deciders and quantizing:
             raise ConfigError(
                 f"{self.name}: {deciders[0].name} in the decode phase would evict quantized entries one "
@@ -83,7 +84,7 @@ class Pipeline(Compressor):
             )
         if len(deciders) > 1:
             raise ConfigError(f"{self.name}: at most one stage may act in the decode phase")
-        evicting = [s for s in self.stages if not getattr(s, "quantizes", False)]
+        evicting = [s for s in self.stages if not s.quantizes]
         lead = evicting[0] if evicting else self.stages[0]
         # the pipeline reports its eviction stage's settings (describe, store keys)
         self.ratio, self.budget, self.phase = lead.ratio, lead.budget, lead.phase
@@ -109,54 +110,66 @@ class Pipeline(Compressor):
             keep = keep.minimum(s.keep_for(seen, layer_idx, num_layers))
         return keep
 
-    # ------------------------------------------------------------------ driven by the engine
-    def bind(self, engine) -> None:
-        for s in self.stages:
-            s.bind(engine)
+    # ------------------------------------------------------------------ state and binding
+    def bind(self, model: ModelAccess) -> tuple[Any, ...]:
+        """Every stage's bound data, in stage order."""
+        return tuple(s.bind(model) for s in self.stages)
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
-                key_mass: Tensor | None) -> None:
-        if getattr(layer, "quantized", False):
-            return  # nothing will be evicted from a quantized layer: no need to watch it
+    def _observers(self) -> list[Compressor]:
         merge_only = {id(m) for _, m in self._plan if m is not None}
-        for s in self.stages:
-            if s.active(ctx.phase) and id(s) not in merge_only:
-                s.observe(layer, self._for(s, ctx), query, query_positions, key_mass)
+        return [s for s in self.stages if id(s) not in merge_only]
 
-    def compress(self, layer: KVLayer, ctx: ScoreContext):
+    def recorders(self, phase: str) -> list[Compressor]:
+        """The recording parts of every stage (a merging stage after an eviction stage only merges)."""
+        return [r for s in self._observers() for r in s.recorders(phase)]
+
+    def kept_states(self) -> set[StateKey]:
+        return set().union(*(s.kept_states() for s in self.stages))
+
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        seen: dict[StateKey, int] = {}
+        for s in self._observers():
+            seen.setdefault(s.state_key, s.state_bytes(spec, q_heads, tokens))
+        return sum(seen.values())
+
+    # ------------------------------------------------------------------ driven by the engine
+
+    def compress(self, layer: CacheLayer, ctx: ScoreContext, merger: Compressor | None = None) -> CacheLayer:
         """Each compressing step in turn; returns the layer the last one left (maybe a new object).
 
-        A step clears ``layer.extra`` when it is done; what was observed there is put back for the
-        steps after it (ZipVL after an eviction reads the observation window's queries too).
+        Observed state stays in the request's cache until the whole pipeline is done (ZipVL after an
+        eviction reads the observation window's queries too); the engine frees it afterwards.
         """
-        observed = dict(layer.extra)
-        steps = [(step, merger) for step, merger in self._plan
-                 if step.compresses or (merger is not None and merger.compresses)]
-        for i, (step, merger) in enumerate(steps):
-            if merger is not None:
-                keep = self._for(step, ctx).keep.minimum(self._for(merger, ctx).keep)
-                out = step.compress(layer, dataclasses.replace(ctx, keep=keep), merger=merger)
-                layer = out if out is not None else layer  # a head-wise step hands back a paged layer
+        steps = [(step, m) for step, m in self._plan if step.compresses or (m is not None and m.compresses)]
+        for step, m in steps:
+            if m is not None:
+                keep = self._for(step, ctx).keep.minimum(self._for(m, ctx).keep)
+                out = step.compress(layer, dataclasses.replace(self._for(step, ctx), keep=keep), merger=m)
             else:
                 out = step.compress(layer, self._for(step, ctx))
-                layer = out if out is not None else layer
-            if i + 1 < len(steps) and not getattr(layer, "quantized", False):
-                for key, value in observed.items():
-                    layer.extra.setdefault(key, value)
+            layer = out if out is not None else layer  # a head-wise step or a quantizer hands back a new layer
         return layer
 
-    def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+    def make_room(self, layer: CacheLayer, ctx: ScoreContext, cap: int) -> Room | None:
         for s in self.stages:
             if s.active("decode"):
-                return s.make_room(layer, self._for(s, ctx))
+                return s.make_room(layer, self._for(s, ctx), cap)
         return None
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:  # pragma: no cover - never called
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:  # pragma: no cover - never called
         raise RuntimeError("a pipeline scores nothing itself; its stages do")
 
-    @staticmethod
-    def _for(stage: Compressor, ctx: ScoreContext) -> ScoreContext:
-        return dataclasses.replace(ctx, keep=stage.keep_for(ctx.seen, ctx.layer_idx, ctx.num_layers))
+    def _bound(self, stage: Compressor, bound: tuple[Any, ...] | None) -> Any:
+        """The bound data of ``stage`` (a stage, or the rank average of the eviction stages)."""
+        if bound is None:
+            return None
+        if isinstance(stage, RankAverage):
+            return tuple(self._bound(m, bound) for m in stage.members)
+        return next(b for s, b in zip(self.stages, bound) if s is stage)
+
+    def _for(self, stage: Compressor, ctx: ScoreContext) -> ScoreContext:
+        return dataclasses.replace(ctx, keep=stage.keep_for(ctx.seen, ctx.layer_idx, ctx.num_layers),
+                                   bound=self._bound(stage, ctx.bound))
 
 
 def _check_order(stages: tuple[Compressor, ...]) -> None:
@@ -239,12 +252,16 @@ class RankAverage(Compressor):
             keep = keep.minimum(m.keep_for(seen, layer_idx, num_layers))
         return keep
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        """Mean over members of each entry's rank in its row, in [0, 1); inf where any member insists."""
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
+        """Mean over members of each entry's rank in its row, in [0, 1); inf where any member insists.
+
+        ctx.bound: the members' bound data, in member order (or None)
+        """
         total, pinned = None, None
         valid = None if layer.uniform else layer.valid_mask()
-        for m in self.members:
-            s = m.score(layer, ctx).float()  # [B, H, L]
+        for i, m in enumerate(self.members):
+            bound = None if ctx.bound is None else ctx.bound[i]
+            s = m.score(layer, dataclasses.replace(ctx, bound=bound)).float()  # [B, H, L]
             if valid is not None:
                 s = s.masked_fill(~valid, float("-inf"))
             rank = s.argsort(dim=-1).argsort(dim=-1).float() / s.shape[-1]

@@ -1,12 +1,13 @@
-"""Prefill, decode steps, sampling and the generation loop over slimkv's cache."""
+"""The engine: a model runner, a scheduler over one KV pool, and the clients built on them."""
 
 from .engine import Engine
-from .loop import Generation
-from .results import GenerationConfig, GenerationResult, LosslessConfig, SpecStats, TextDelta, Timing
+from .generation import Generation
 from .prompts import Request, Segments
+from .results import GenerationConfig, GenerationResult, LosslessConfig, SpecStats, TextDelta, Timing
 from .sampling import Sampler, SamplingConfig
+from .sequence import Sequence
 
 __all__ = [
     "Engine", "Generation", "GenerationConfig", "GenerationResult", "LosslessConfig", "Request", "Sampler",
-    "SamplingConfig", "Segments", "SpecStats", "TextDelta", "Timing",
+    "SamplingConfig", "Segments", "Sequence", "SpecStats", "TextDelta", "Timing",
 ]

@@ -1,19 +1,26 @@
-"""The engine: a model, a compressor and (optionally) a KV store; prefill and compression per request.
+"""The engine: a model, default settings and a KV store, in front of the scheduler.
 
-Order of work for a request (see ``prompts.Request``; steps 1-3 here, step 4 in ``loop.py``):
+:class:`Engine` is the Python API. Requests are submitted with their own settings (compressor,
+sampling, stop strings, ``max_new_tokens``, lossless) and run together: the scheduler
+(``engine/scheduler.py``) admits them into one KV pool, prefills them in bounded chunks and decodes
+every running request in one batched forward pass per step. The calling styles are clients of that
+one core:
 
-1. prefill the context in chunks of ``prefill_chunk`` tokens into a fresh :class:`SlimCache`;
-2. compress it (prefill phase: question-agnostic when a question follows);
-3. prefill the question, if any (compressed again only in the decode phase, to keep the budget);
-4. decode one token per step for every sequence of the batch, evicting as the decode phase asks,
-   until EOS, a stop string, ``max_new_tokens`` or the model's context length.
+- :meth:`Engine.generate` / :meth:`Engine.generate_batch` / :meth:`Engine.stream` step the
+  scheduler in the caller's thread until their requests finish;
+- :meth:`Engine.serve` starts a background loop (``engine/service.py``) for concurrent callers:
+  submit from any thread or event loop, receive text pieces as they come, cancel.
+
+Lower-level pieces for tools that drive compression themselves (the evaluation runner, fidelity,
+calibration): :meth:`new_cache`, :meth:`prefill`, :meth:`compress`, :meth:`prepare`.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
-import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,39 +28,68 @@ from ..cache import SlimCache
 from ..compressors import Compressor
 from ..errors import ConfigError, InputError
 from ..models.adapter import ModelAdapter
-from .forward import ForwardContext
-from .loop import Generation, ProgressFn
-from .prompts import Request, Segments, end_token_ids, punctuation_table
+from .generation import Generation, ProgressFn
+from .pool import default_budget
+from .prefill import PrefillJob
+from .prompts import Request, Segments, end_token_ids, tokenize
 from .results import GenerationConfig, GenerationResult
 from .reuse import PrefixStore
+from .runner import ModelRunner
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence
+
+if TYPE_CHECKING:
+    from .service import EngineLoop
 
 log = logging.getLogger(__name__)
 
+#: ``compressor`` argument meaning "the engine's default compressor"
+DEFAULT: Any = object()
+
 
 class Engine:
-    """Runs a causal LM with slimkv's cache and a compressor.
+    """Runs a causal LM with slimkv's cache (see the module docstring).
 
     model, tokenizer: a Hugging Face causal LM and its tokenizer (``slimkv.load_model``)
-    compressor: the method applied to every request (None = full cache)
-    prefill_chunk: prompt tokens per forward pass while prefilling
+    compressor: the default method of requests that name none (None = full cache)
+    prefill_chunk: prompt tokens per forward pass when a prompt is prefilled alone
     store: reuse stored KV of prompt prefixes and compressed contexts (``engine/reuse.py``)
+    kv_memory: bytes of KV the running requests may hold together (default: a share of the memory
+               available now, ``engine/pool.py``)
+    max_rows: requests admitted at once
+    step_tokens: prompt tokens prefilled per step while other requests decode
+    swap_dir: where preempted requests' KV waits (default: a temporary directory)
     """
 
-    def __init__(self, model, tokenizer, compressor: Compressor | None = None, prefill_chunk: int = 4096,
-                 store: PrefixStore | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, compressor: Compressor | None = None,
+                 prefill_chunk: int = 4096, store: PrefixStore | None = None, kv_memory: int | None = None,
+                 max_rows: int = 64, step_tokens: int = 512, swap_dir: str | None = None) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        self.store = store
         self.adapter = ModelAdapter(model)
         self.tokenizer = tokenizer
         self.compressor = compressor
-        self.prefill_chunk = prefill_chunk
         self.end_ids = end_token_ids(tokenizer, model)
-        self._punct_table: torch.Tensor | None = None  # see punctuation
-        if compressor is not None:
-            compressor.bind(self)
+        self.runner = ModelRunner(self.adapter, tokenizer, prefill_chunk)
+        budget = kv_memory if kv_memory is not None else default_budget(self.adapter.device)
+        self.scheduler = Scheduler(self.runner, SchedulerConfig(budget, max_rows, prefill_chunk, step_tokens,
+                                                                swap_dir), store)
+        self._ids = itertools.count()
 
-    def use_store(self, stack, tenant: str = "default", chunk_size: int = 256,
+    # ------------------------------------------------------------------ settings
+    @property
+    def store(self) -> PrefixStore | None:
+        return self.scheduler.store
+
+    @store.setter
+    def store(self, store: PrefixStore | None) -> None:
+        self.scheduler.store = store
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.runner.prefill_chunk
+
+    def use_store(self, stack: Any, tenant: str = "default", chunk_size: int = 256,
                   shared_namespace: str | None = None) -> PrefixStore:
         """Reuse KV through a :class:`~slimkv.store.TierStack` (keys scoped to ``tenant``)."""
         from ..store import KeySpec
@@ -64,112 +100,50 @@ class Engine:
         return self.store
 
     def with_compressor(self, compressor: Compressor | None) -> Engine:
-        """The same model and settings with another compressor (cheap: nothing is reloaded)."""
+        """The same engine (model, scheduler, store) with another default compressor."""
         clone = copy.copy(self)
         clone.compressor = compressor
-        if compressor is not None:
-            compressor.bind(clone)
         return clone
 
-    # ------------------------------------------------------------------ prefill
-    def new_cache(self, batch: int = 1) -> SlimCache:
-        return SlimCache(self.adapter.spec, batch)
+    def bind(self, compressor: Compressor | None) -> Any:
+        """Bind ``compressor`` to this model now (calibrations it needs run once, here); returns its data.
+
+        Submitting a request binds its compressor too; call this to pay for calibrations up front.
+        """
+        return None if compressor is None else self.runner.bindings.bind(compressor)
+
+    # ------------------------------------------------------------------ building blocks
+    def new_cache(self) -> SlimCache:
+        return self.runner.new_cache()
 
     def prefill(self, cache: SlimCache, ids: list[int], progress: ProgressFn | None = None,
-                done: int = 0, total: int | None = None,
                 observers: tuple[Compressor, ...] | None = None) -> torch.Tensor:
-        """Feed ``ids`` to a one-sequence cache in chunks (no compression: see :meth:`compress`).
+        """Feed ``ids`` to ``cache`` in chunks (no compression: see :meth:`compress`).
 
         observers: methods recording what they need while prefilling (default: the engine's
                    compressor); pass several to let one prefill serve several methods.
         Returns the logits of the last token, [1, vocab].
         """
-        if cache.batch != 1:
-            raise ValueError("prefill works on one sequence at a time")
-        total = total if total is not None else len(ids)
-        device = self.adapter.device
-        for layer in cache.layers:
-            layer.reserve(layer.max_length + len(ids))
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            first = cache.seen[0]
-            positions = torch.arange(first, first + len(chunk), device=device)[None]
-            punct = self.punctuation(chunk, observers)
-            ctx = ForwardContext(cache, positions, self.compressor, phase="prefill", observers=observers,
-                                 punctuation=punct)
-            logits = self.adapter.forward(torch.tensor([chunk], device=device), positions, ctx)
-            cache.seen[0] += len(chunk)
-            if progress is not None:
-                progress(done + start + len(chunk), total)
-        assert logits is not None
-        return logits[:, -1]
+        observers = observers if observers is not None else ((self.compressor,) if self.compressor else ())
+        for o in observers:
+            self.runner.bindings.bind(o)
+        return self.runner.prefill(cache, ids, observers, progress)
 
-    def punctuation(self, ids: list[int] | torch.Tensor, observers=None) -> torch.Tensor | None:
-        """Punctuation flags of ``ids`` when an observer needs them (FastGen), else None.
-
-        ids: one sequence's tokens (a list -> [1, tokens]) or a [batch, tokens] tensor (-> the same shape)
-        """
-        watching = observers if observers is not None else (self.compressor,)
-        if not any(getattr(o, "needs_punctuation", False) for o in watching if o is not None):
-            return None
-        if self._punct_table is None:  # one pass over the vocabulary per engine (shared by its clones)
-            vocab = self.adapter.model.get_input_embeddings().num_embeddings
-            self._punct_table = punctuation_table(self.tokenizer, vocab)
-        table = self._punct_table
-        ids = torch.as_tensor(ids).cpu()
-        ids = ids[None] if ids.dim() == 1 else ids
-        return table[ids.clamp(max=table.numel() - 1)].to(self.adapter.device)
+    def compress(self, cache: SlimCache, phase: str = "prefill") -> None:
+        """Shrink ``cache`` to the engine's compressor's target for the tokens seen so far."""
+        if self.compressor is not None:
+            self.runner.bindings.bind(self.compressor)
+        self.runner.compress(cache, self.compressor, phase)  # type: ignore[arg-type]
 
     def prepare(self, segments: Segments, progress: ProgressFn | None = None) -> tuple[SlimCache, torch.Tensor]:
-        """Prefill and compress one request's prompt; returns its cache and last-token logits.
-
-        With a store (``self.store``), stored KV replaces recomputation where it can (see
-        ``engine/reuse.py``); ``self.store.stats`` then tells what was reused.
-        """
+        """Prefill and compress one prompt now (as a request would be); its cache and last logits [1, vocab]."""
         self.check_length(segments)
-        comp = self.compressor
-        compress = comp is not None and (comp.active("prefill") or comp.active("decode"))
-        store = self.store
-        if store is not None:
-            store.begin()
-        cache = None
-        if store is not None and compress and segments.question:
-            assert comp is not None
-            cache = store.load_compressed(self.adapter.spec, segments.context, comp)
-        logits = None
-        if cache is None:
-            cache = self.new_cache()
-            whole = bool(segments.question)
-            start = store.load_prefix(cache, segments.context, whole) if store is not None else 0
-            t0 = time.perf_counter()
-            if start < len(segments.context):
-                logits = self.prefill(cache, segments.context[start:], progress=progress, done=start,
-                                      total=segments.total)
-            if store is not None:
-                miss = len(segments.context) - start
-                store.stats.miss_tokens += miss
-                if miss:
-                    store.stats.saved_s = (time.perf_counter() - t0) / miss * store.stats.hit_tokens
-                store.save_prefix(cache, segments.context, start, whole)
-            if compress:
-                self.compress(cache, "prefill")
-                if store is not None and segments.question:
-                    assert comp is not None
-                    store.save_compressed(cache, segments.context, comp)
-        if segments.question:
-            logits = self.prefill(cache, segments.question, progress=progress,
-                                  done=len(segments.context), total=segments.total)
-            if store is not None:
-                store.stats.miss_tokens += len(segments.question)
-            if comp is not None and comp.active("decode"):
-                self.compress(cache, "decode")
-        assert logits is not None
-        return cache, logits
-
-    def compress(self, cache: SlimCache, phase: str) -> None:
-        """Shrink every layer of ``cache`` to the compressor's target for the tokens seen so far."""
-        ForwardContext(cache, torch.empty(1, 0), self.compressor, phase=phase).compress()
+        if self.compressor is not None:
+            self.runner.bindings.bind(self.compressor)
+        job = PrefillJob(self.runner, segments, self.compressor, self.store, progress=progress)
+        job.run()
+        assert job.logits is not None
+        return job.cache, job.logits
 
     def check_length(self, segments: Segments) -> None:
         limit = self.adapter.max_positions
@@ -181,54 +155,97 @@ class Engine:
                 "shorten the prompt (or the context file) so that it fits with room for the answer"
             )
 
-    # ------------------------------------------------------------------ generation
-    def stream(self, requests: list[Request | Segments] | Request | Segments,
-               config: GenerationConfig | None = None, progress: ProgressFn | None = None) -> Generation:
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request | Segments | str, config: GenerationConfig | None = None,
+               compressor: Compressor | None = DEFAULT, prepared: tuple[SlimCache, torch.Tensor] | None = None,
+               progress: ProgressFn | None = None) -> Sequence:
+        """Queue one request with its own settings; the scheduler runs it (see :meth:`step`).
+
+        compressor: this request's method (default: the engine's); prepared: an already prefilled
+        (and compressed) cache of ``request`` and its last logits, to decode from
+        Binding the compressor (its calibrations, once per model) happens here, before it queues.
+        """
+        seq = self.make_sequence(request, config, compressor, prepared, progress)
+        self.scheduler.add(seq)
+        return seq
+
+    def make_sequence(self, request: Request | Segments | str, config: GenerationConfig | None = None,
+                      compressor: Compressor | None = DEFAULT,
+                      prepared: tuple[SlimCache, torch.Tensor] | None = None,
+                      progress: ProgressFn | None = None) -> Sequence:
+        """A checked, bound request ready to queue (what :meth:`submit` and the engine loop queue)."""
+        config = config or GenerationConfig()
+        comp = self.compressor if compressor is DEFAULT else compressor
+        segments = self._segments(request)
+        self.check_length(segments)
+        if config.lossless is not None:
+            if self.store is not None:
+                raise ConfigError("lossless decoding does not reuse stored KV yet; use an engine without a store")
+            if prepared is not None:
+                raise ConfigError("a lossless request prefills its own full and draft views; give no prepared cache")
+        if comp is not None:
+            self.runner.bindings.bind(comp)
+        seq = Sequence(next(self._ids), segments, config, comp, self.tokenizer, self.end_ids,
+                       self.adapter.max_positions, prepared, progress)
+        self.scheduler.check(seq)
+        return seq
+
+    def _segments(self, request: Request | Segments | str) -> Segments:
+        if isinstance(request, Segments):
+            return request
+        req = Request(context=request) if isinstance(request, str) else request
+        return tokenize(self.tokenizer, req)
+
+    def step(self) -> list[Sequence]:
+        """One scheduler step (see ``engine/scheduler.py``); returns the sequences with news."""
+        return self.scheduler.step()
+
+    def stream(self, requests: list[Request | Segments] | Request | Segments | str,
+               config: GenerationConfig | None = None, progress: ProgressFn | None = None,
+               compressor: Compressor | None = DEFAULT) -> Generation:
         """Start generating; iterate the result for :class:`TextDelta` pieces, then read ``.results``.
 
-        A request is text (:class:`Request`) or already tokenized (:class:`Segments`).
+        A request is text (:class:`Request`, or a plain string: a raw prompt) or already tokenized
+        (:class:`Segments`). All requests share ``config`` and ``compressor`` here; submit them one
+        by one (:meth:`submit`) for settings of their own.
         """
-        reqs = [requests] if isinstance(requests, (Request, Segments)) else list(requests)
+        reqs = [requests] if isinstance(requests, (Request, Segments, str)) else list(requests)
         if not reqs:
             raise InputError("no request to generate for")
-        config = config or GenerationConfig()
-        if config.lossless is not None:
-            from ..speculative.loop import LosslessGeneration
-
-            return LosslessGeneration(self, reqs, config, progress)
-        return Generation(self, reqs, config, progress)
+        seqs = [self.submit(r, config, compressor, progress=progress) for r in reqs]
+        return Generation(self, seqs)
 
     def continue_from(self, cache: SlimCache, logits: torch.Tensor, segments: Segments,
                       config: GenerationConfig | None = None) -> GenerationResult:
-        """Decode from an already prefilled (and compressed) one-sequence cache.
+        """Decode from an already prefilled (and compressed) cache of ``segments``.
 
-        logits: [1, vocab] of the prompt's last token; segments: the prompt it holds (for counts).
-        With ``config.lossless``, ``cache`` must be the *uncompressed* prefill (observed by the
-        compressor): it becomes the full view, and a compressed copy the draft view.
+        logits: [1, vocab] of the prompt's last token. A compressor acting while decoding is the
+        engine's (``with_compressor``).
         """
-        config = config or GenerationConfig()
-        if config.lossless is not None:
-            from ..speculative.loop import LosslessGeneration
-
-            gen: Generation = LosslessGeneration(self, [segments], config, None, prepared=[(cache, logits)])
-        else:
-            gen = Generation(self, [segments], config, None, prepared=[(cache, logits)])
+        seq = self.submit(segments, config, prepared=(cache, logits))
+        gen = Generation(self, [seq])
         for _ in gen:
             pass
         return gen.results[0]
 
     def generate(self, request: Request | Segments | str, config: GenerationConfig | None = None,
-                 progress: ProgressFn | None = None) -> GenerationResult:
+                 progress: ProgressFn | None = None, compressor: Compressor | None = DEFAULT) -> GenerationResult:
         """Generate for one request (a plain string is a raw prompt)."""
-        req = Request(context=request) if isinstance(request, str) else request
-        gen = self.stream(req, config, progress)
+        gen = self.stream(request, config, progress, compressor)
         for _ in gen:
             pass
         return gen.results[0]
 
-    def generate_batch(self, requests: list[Request | Segments], config: GenerationConfig | None = None) -> list[GenerationResult]:
-        """Generate for several requests decoded together in one batch."""
-        gen = self.stream(requests, config)
+    def generate_batch(self, requests: list[Request | Segments], config: GenerationConfig | None = None,
+                       compressor: Compressor | None = DEFAULT) -> list[GenerationResult]:
+        """Generate for several requests decoded together."""
+        gen = self.stream(requests, config, compressor=compressor)
         for _ in gen:
             pass
         return gen.results
+
+    def serve(self) -> EngineLoop:
+        """Run the scheduler on a background thread for concurrent callers (``engine/service.py``)."""
+        from .service import EngineLoop
+
+        return EngineLoop(self)

@@ -1,6 +1,7 @@
 """Prefix reuse through the tiered store (after LMCache): load stored KV instead of recomputing it.
 
-Contract (the engine calls, per request, in this order):
+Contract (the engine's prefill calls, per request, in this order, with that request's own
+:class:`ReuseStats`):
 
 1. ``load_compressed(context, compressor)`` - question-agnostic requests only: the compressed cache of
    this exact context under this exact compressor, if stored ("compress once, query many"); a hit skips
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -60,19 +61,14 @@ class PrefixStore:
     """The engine's view of a :class:`TierStack`: chunked prefix KV plus compressed contexts.
 
     stack: the tiers; spec: tenant, model fingerprint, dtype and chunk size of the keys
+    Shared by every request of an engine; each call counts into the request's own ``stats``.
     """
 
     stack: TierStack
     spec: KeySpec
-    stats: ReuseStats = field(default_factory=ReuseStats)
-
-    def begin(self) -> ReuseStats:
-        """Start counting for a new request."""
-        self.stats = ReuseStats()
-        return self.stats
 
     # ------------------------------------------------------------------ chunks of the raw prefix
-    def load_prefix(self, cache: SlimCache, ids: list[int], whole: bool = False) -> int:
+    def load_prefix(self, cache: SlimCache, ids: list[int], stats: ReuseStats, whole: bool = False) -> int:
         """Append stored leading chunks of ``ids`` to the empty one-sequence ``cache``; tokens loaded.
 
         whole: ``ids`` is a complete context that a question will follow, so its last partial chunk
@@ -98,10 +94,10 @@ class PrefixStore:
                 positions = torch.cat([c.positions[i][0] for c in chunks])[None]  # [1, T]
                 layer.reserve(len(ids))
                 layer.append(keys_i.to(cache.spec.dtype), values_i.to(cache.spec.dtype), positions, exact=True)
-            cache.seen[0] = sum(c.tokens for c in chunks)
-        self.stats.hit_tokens += cache.seen[0]
-        self.stats.load_s += time.perf_counter() - t0
-        return cache.seen[0]
+            cache.seen = sum(c.tokens for c in chunks)
+        stats.hit_tokens += cache.seen
+        stats.load_s += time.perf_counter() - t0
+        return cache.seen
 
     def _tail_key(self, ids: list[int]):
         """Key of a complete context's last partial chunk (chained over the whole context)."""
@@ -127,10 +123,11 @@ class PrefixStore:
         for key, lo, hi in spans:
             if lo < start:
                 continue
+            views = [layer.view() for layer in cache.layers]  # ([1, H, L, D], [1, H, L, D], [1, H, L])
             chunk = ChunkKV(
-                keys=[layer.keys[0, :, lo:hi].clone() for layer in cache.layers],  # [H, C, D]
-                values=[layer.values[0, :, lo:hi].clone() for layer in cache.layers],
-                positions=[layer.positions[0, :, lo:hi].clone() for layer in cache.layers],
+                keys=[keys[0, :, lo:hi].clone() for keys, _, _ in views],  # [H, C, D]
+                values=[values[0, :, lo:hi].clone() for _, values, _ in views],
+                positions=[positions[0, :, lo:hi].clone() for _, _, positions in views],
             )
             self.stack.put_chunk(key, chunk)
 
@@ -139,7 +136,7 @@ class PrefixStore:
         spec = dataclasses.replace(self.spec, codec=compressor_codec(comp))
         return prompt_key(ids, spec)
 
-    def load_compressed(self, cache_spec, ids: list[int], comp: Compressor) -> SlimCache | None:
+    def load_compressed(self, cache_spec, ids: list[int], comp: Compressor, stats: ReuseStats) -> SlimCache | None:
         if comp.quantizes:
             return None  # stored caches hold dense entries; quantized contexts are recomputed
         t0 = time.perf_counter()
@@ -151,12 +148,12 @@ class PrefixStore:
         except ValueError as exc:
             log.warning("store: stored compressed context unusable (%s); recomputing", exc)
             return None
-        if cache.seen != [len(ids)]:
+        if cache.seen != len(ids):
             log.warning("store: stored compressed context covers %s tokens, expected %d; recomputing",
                         cache.seen, len(ids))
             return None
-        self.stats.hit_tokens += len(ids)
-        self.stats.load_s += time.perf_counter() - t0
+        stats.hit_tokens += len(ids)
+        stats.load_s += time.perf_counter() - t0
         return cache
 
     def save_compressed(self, cache: SlimCache, ids: list[int], comp: Compressor) -> None:

@@ -20,7 +20,6 @@ import torch
 from ..cache import SlimCache
 from ..compressors import Compressor
 from ..engine import Engine
-from ..engine.forward import ForwardContext
 
 
 @dataclass(frozen=True)
@@ -47,11 +46,9 @@ class Perplexity:
 
 
 def decode_step(engine: Engine, cache: SlimCache, token: int, comp: Compressor | None) -> torch.Tensor:
-    """One decode step of a one-sequence cache; returns log-probabilities [vocab]."""
-    pos = torch.tensor([[cache.seen[0]]], device=engine.adapter.device)
-    ctx = ForwardContext(cache, pos, comp, phase="decode", punctuation=engine.punctuation([token], (comp,)))
-    logits = engine.adapter.forward(torch.tensor([[token]], device=engine.adapter.device), pos, ctx)
-    cache.seen[0] += 1
+    """One decode step of a cache (``comp`` evicting while decoding, if it does); log-probabilities [vocab]."""
+    runner = engine.runner
+    logits = runner.forward([runner.row(cache, [token], comp, "decode")])
     return logits[0, -1].float().log_softmax(-1)
 
 
@@ -95,8 +92,7 @@ def perplexity(engine: Engine, tokens: list[int], comp: Compressor | None, name:
     if len(tokens) <= prefix:
         raise ValueError("perplexity needs more tokens than the prefix")
     nll, peak = 0.0, 0
-    if comp is not None:
-        comp.bind(engine)
+    engine.bind(comp)
     with engine.adapter.attached():
         cache = engine.new_cache()
         prompt = comp is not None and comp.active("prefill") and not comp.quantizes

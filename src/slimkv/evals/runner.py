@@ -26,8 +26,7 @@ import torch
 
 from ..cache import CacheStats, SlimCache
 from ..compressors import Compressor, make_compressor
-from ..engine import Engine, GenerationConfig, Segments
-from ..engine.loop import Generation
+from ..engine import Engine, Generation, GenerationConfig, Segments
 from .scoring import string_match
 
 log = logging.getLogger(__name__)
@@ -164,9 +163,9 @@ class Runner:
         question = tok.encode(sample.question, add_special_tokens=False)
         segments = Segments(context, question)
         engine.check_length(segments)
-        observers = _observers([compressors[m] for m, _ in todo])
-        for observer in observers:  # methods that read the model (RoPE, calibration) before observing
-            observer.bind(engine)
+        observers = tuple(c for c in (compressors[m] for m, _ in todo) if c.active("prefill"))
+        for comp in {id(compressors[m]): compressors[m] for m, _ in todo}.values():
+            engine.bind(comp)  # calibrations and RoPE tables, before any observing
         t0 = time.perf_counter()
         bases: dict[bool, tuple] = {}
         with engine.adapter.attached():
@@ -186,7 +185,7 @@ class Runner:
             base_cache, base_logits = bases[qa]
             cache = base_cache.clone()
             with engine.adapter.attached():
-                runner.compress(cache, "prefill")
+                runner.compress(cache, "prefill")  # frees every state but what comp decodes with
                 stats = cache.stats()
                 logits = base_logits
                 if not qa:
@@ -214,41 +213,24 @@ class Runner:
     def _decode(self, prepared: list[_Prepared], segments: Segments, compressors: dict) -> list[tuple[str, float]]:
         """Greedy answers of every prepared cache and the decode seconds charged to each.
 
-        Configurations that do not compress while decoding are decoded together in batches of similar
-        cache sizes (decode on a small model is bound by reading the weights, so a batch costs about
-        one sequence); the others (decode-phase methods, quantized caches) one by one.
+        Every configuration is a request of the engine with its own compressor (decode-phase methods
+        keep evicting) and its prepared cache (any layout); the scheduler decodes them together, at
+        most ``batch_size`` at a time (decoding a small model is bound by reading its weights, so a
+        batch costs about one sequence).
         """
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, stop=("\n",))
-        answers: list[tuple[str, float] | None] = [None] * len(prepared)
-        batch = [i for i, p in enumerate(prepared) if not compressors[p.method].active("decode")
-                 and not any(getattr(layer, "quantized", False) for layer in p.cache.layers)]
-        alone = [i for i in range(len(prepared)) if i not in batch]
-        for rows in self._groups(batch, prepared):
+        answers: list[tuple[str, float]] = []
+        for start in range(0, len(prepared), self.batch_size):
+            group = prepared[start : start + self.batch_size]
             t0 = time.perf_counter()
-            gen = Generation(self.engine.with_compressor(None), [segments] * len(rows), config, None,
-                             prepared=[(prepared[i].cache, prepared[i].logits) for i in rows])
+            seqs = [self.engine.submit(segments, config, compressor=compressors[p.method], prepared=(p.cache, p.logits))
+                    for p in group]
+            gen = Generation(self.engine, seqs)
             for _ in gen:
                 pass
-            each = (time.perf_counter() - t0) / len(rows)
-            for i, result in zip(rows, gen.results):
-                answers[i] = (result.text, each)
-        for i in alone:
-            t0 = time.perf_counter()
-            runner = self.engine.with_compressor(compressors[prepared[i].method])
-            result = runner.continue_from(prepared[i].cache, prepared[i].logits, segments, config)
-            answers[i] = (result.text, time.perf_counter() - t0)
-        return answers  # type: ignore[return-value]
-
-    def _groups(self, rows: list[int], prepared: list[_Prepared]) -> list[list[int]]:
-        """Batches of similar cache sizes: a stacked batch pads every row to its largest one."""
-        size = {i: max(layer.max_length for layer in prepared[i].cache.layers) for i in rows}
-        groups: list[list[int]] = []
-        for i in sorted(rows, key=lambda i: -size[i]):
-            if groups and len(groups[-1]) < self.batch_size and size[i] * 2 > size[groups[-1][0]]:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        return groups
+            each = (time.perf_counter() - t0) / len(group)
+            answers += [(result.text, each) for result in gen.results]
+        return answers
 
     def _record(self, row: EvalResult) -> None:
         self._done.add(row.key())
@@ -259,14 +241,3 @@ class Runner:
                     f.write("\n")
                     self._cut = False
                 f.write(json.dumps(dataclasses.asdict(row)) + "\n")
-
-
-def _observers(compressors: list[Compressor]) -> tuple[Compressor, ...]:
-    """One observer per distinct observation: methods differing only in ratio or budget observe alike."""
-    seen: dict[tuple, Compressor] = {}
-    for c in compressors:
-        if c.active("prefill"):
-            fields = tuple((f.name, getattr(c, f.name)) for f in dataclasses.fields(c)
-                           if f.name not in ("ratio", "budget"))
-            seen.setdefault((type(c), repr(fields)), c)
-    return tuple(seen.values())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -124,6 +125,9 @@ class ModelAdapter:
         self.q_heads = heads
         self.max_positions: int = getattr(cfg, "max_position_embeddings", None) or 2048
         self.device = next(model.parameters()).device
+        self._attach_lock = threading.Lock()
+        self._attached = 0
+        self._previous: str | None = None
 
     def fingerprint(self) -> str:
         """Identity of the model's weights and config, for store keys (stable across processes).
@@ -187,16 +191,24 @@ class ModelAdapter:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
-        """Run the model with slimkv's attention inside this block; restore the previous one after."""
-        previous = self.model.config._attn_implementation
-        if previous == ATTENTION_NAME:
-            yield
-            return
-        self.model.set_attn_implementation(ATTENTION_NAME)
+        """Run the model with slimkv's attention inside this block; restore the previous one after.
+
+        Blocks may nest and run on several threads at once (the engine loop's steps beside a
+        calibration in a caller's thread): the model is switched by the first and restored by the last.
+        """
+        with self._attach_lock:
+            if self._attached == 0:
+                self._previous = self.model.config._attn_implementation
+                if self._previous != ATTENTION_NAME:
+                    self.model.set_attn_implementation(ATTENTION_NAME)
+            self._attached += 1
         try:
             yield
         finally:
-            self.model.set_attn_implementation(previous)
+            with self._attach_lock:
+                self._attached -= 1
+                if self._attached == 0 and self._previous != ATTENTION_NAME:
+                    self.model.set_attn_implementation(self._previous)
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, sink: AttentionSink, all_logits: bool = False) -> Tensor:

@@ -1,6 +1,6 @@
 """Drafters: where the tokens a verify pass checks come from.
 
-Contract: the lossless loop (``speculative/loop.py``) calls :meth:`Drafter.propose` once per round, after
+Contract: the lossless decoder (``speculative/lossless.py``) calls :meth:`Drafter.propose` once per round, after
 :meth:`DualCache.begin` and before the verify pass, with the text so far (prompt + generated ids,
 ending with the pending token whose KV is not cached yet) and the most tokens it may draft. A drafter
 returns a :class:`Draft` (possibly empty) and must leave nothing in the caches but appends to the
@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..engine.forward import ForwardContext
 from ..engine.sampling import Sampler
 from .dual import DualCache
 from .tree import is_chain
@@ -55,13 +54,13 @@ class DraftRequest:
     """What a drafter may read in one round.
 
     history: prompt and generated ids so far, ending with the pending token
-    limit: most tokens to draft; dual: the two views; adapter: the model; sampler: the loop's sampler
+    limit: most tokens to draft; dual: the two views (and the model, ``dual.runner``); sampler: the
+    sequence's sampler
     """
 
     history: list[int]
     limit: int
     dual: DualCache
-    adapter: object
     sampler: Sampler
 
 
@@ -90,14 +89,11 @@ class SelfDrafter(Drafter):
     name = "self"
 
     def propose(self, req: DraftRequest) -> Draft:
-        cache, adapter, sampler = req.dual.draft, req.adapter, req.sampler
-        device = adapter.device
+        cache, runner, sampler = req.dual.draft, req.dual.runner, req.sampler
         token, tokens, probs = req.history[-1], [], []
         for _ in range(min(self.k, req.limit)):
-            positions = torch.tensor([[cache.seen[0]]], device=device)  # [1, 1]
-            ctx = ForwardContext(cache, positions, None, phase="decode")  # append only: rolled back later
-            logits = adapter.forward(torch.tensor([[token]], device=device), positions, ctx)[:, -1]  # [1, V]
-            cache.seen[0] += 1
+            # append only (no compressor): the commit rolls these entries back
+            logits = runner.forward([runner.row(cache, [token], None, "decode")])[:, -1]  # [1, V]
             if sampler.config.greedy:
                 token = int(logits.argmax(dim=-1))
             else:

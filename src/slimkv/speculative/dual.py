@@ -5,10 +5,11 @@ cheap reads of the compressed cache; every verification reads the full cache, an
 verify pass computed for the accepted tokens is written into *both* views, so the draft view never
 drifts from what full-cache decoding would hold (it only lacks the evicted entries).
 
-Contract (the lossless loop, ``speculative/loop.py``, is the only caller):
+Contract (the lossless decoder, ``speculative/lossless.py``, is the only caller):
 
-1. :func:`prepare_dual` prefills the prompt once into a full cache (letting the compressor observe),
-   compresses a copy into the draft view, and moves the full cache into its :class:`FullView`.
+1. The request's prefill (``engine/prefill.py``) fills a full cache once (letting the compressor
+   observe) and compresses a copy into the draft view; :meth:`DualCache.open` moves the full cache
+   into its :class:`FullView` and copies the question's exact KV into the draft view.
 2. Per round: :meth:`DualCache.begin` marks both views; a drafter may append speculative tokens to
    the draft view; :meth:`DualCache.verify` appends the pending token and the draft to the full view
    in one forward pass and returns their logits; :meth:`DualCache.commit` keeps the accepted tokens
@@ -17,8 +18,8 @@ Contract (the lossless loop, ``speculative/loop.py``, is the only caller):
 3. A full view that cannot be read raises :class:`FullViewUnavailable`; the loop then falls back to
    plain full-cache decoding and never emits an unverified token.
 
-Shapes: both views hold one sequence (batch 1); ``verify`` takes ``T`` token ids and returns
-logits ``[T, vocab]``.
+Shapes: both views hold one sequence; ``verify`` takes ``T`` token ids and returns logits
+``[T, vocab]``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..cache import CacheMark, SlimCache
+from ..cache import CacheMark, KVLayer, SlimCache
 from ..compressors import Compressor
-from ..engine.forward import ForwardContext
+from ..engine.runner import ModelRunner
 from ..errors import SlimKVError
 from .tree import check_parents, depths, visibility
 
@@ -64,6 +65,17 @@ class FullView(ABC):
     def nbytes(self) -> int:
         return self.cache().stats().bytes_kept
 
+    def memory_bytes(self) -> int:
+        """Bytes the view holds in memory (what the KV pool counts; a view in files holds none)."""
+        return 0
+
+    def detach(self) -> SlimCache | None:
+        """Hand over the in-memory cache (the request is being parked), or None if it lives elsewhere."""
+        return None
+
+    def attach(self, cache: SlimCache | None) -> None:
+        """Take back what :meth:`detach` handed over."""
+
     def close(self) -> None:
         """Release the tier's resources."""
 
@@ -77,14 +89,23 @@ class MemoryFullView(FullView):
         self._cache: SlimCache | None = None
 
     def open(self, cache: SlimCache, room: int) -> None:
-        for layer in cache.layers:
-            layer.reserve(layer.max_length + room)
+        cache.reserve(room)
         self._cache = cache
 
     def cache(self) -> SlimCache:
         if self._cache is None:
             raise FullViewUnavailable("the full view was never opened")
         return self._cache
+
+    def memory_bytes(self) -> int:
+        return 0 if self._cache is None else self._cache.nbytes()
+
+    def detach(self) -> SlimCache | None:
+        cache, self._cache = self._cache, None
+        return cache
+
+    def attach(self, cache: SlimCache | None) -> None:
+        self._cache = cache
 
 
 class DiskFullView(MemoryFullView):
@@ -106,6 +127,8 @@ class DiskFullView(MemoryFullView):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             for i, layer in enumerate(cache.layers):
+                if not isinstance(layer, KVLayer):
+                    raise FullViewUnavailable("only a dense full cache can be moved into mapped files")
                 path = self.directory / f"full-view-{os.getpid()}-{id(self)}-layer{i}.kv"
                 layer.rehome(layer.max_length + room, _file_allocator(path))
                 self._files.append(path)
@@ -121,6 +144,15 @@ class DiskFullView(MemoryFullView):
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self._files if p.exists())
+
+    def memory_bytes(self) -> int:
+        return 0  # in files, outside the KV pool
+
+    def detach(self) -> SlimCache | None:
+        return None  # already in files, outside the KV pool
+
+    def attach(self, cache: SlimCache | None) -> None:
+        pass
 
     def close(self) -> None:
         for p in self._files:
@@ -153,12 +185,14 @@ class DualCache:
 
     draft: the compressed cache drafts read; full: the full view verification reads
     compressor: the method that shrinks the draft view (decode-phase eviction after each commit)
+    runner: the model both views belong to
     """
 
-    def __init__(self, draft: SlimCache, full: FullView, compressor: Compressor | None) -> None:
+    def __init__(self, draft: SlimCache, full: FullView, compressor: Compressor | None, runner: ModelRunner) -> None:
         self.draft = draft
         self.full = full
         self.compressor = compressor
+        self.runner = runner
         self._draft_mark: CacheMark | None = None
         self._full_mark: CacheMark | None = None
         self._verified: SlimCache | None = None  # the full view the last verify pass ran on
@@ -166,14 +200,23 @@ class DualCache:
     @property
     def seen(self) -> int:
         """Tokens both views hold (the position of the pending token)."""
-        return self.draft.seen[0]
+        return self.draft.seen
+
+    def open(self, cache: SlimCache, question: int, room: int) -> None:
+        """Take the full cache of the whole prompt (the draft view holds its compressed context): the
+        question's ``question`` tokens are copied into the draft view, and both views get ``room``
+        tokens of room (the answer and one draft), so no growth block is added while decoding."""
+        if question:
+            self.copy_tail(cache, question)
+        self.draft.reserve(room)
+        self.full.open(cache, room)
 
     def begin(self) -> None:
         """Mark both views before a round's speculative appends."""
         self._draft_mark = self.draft.mark()
         self._full_mark = None
 
-    def verify(self, adapter, tokens: list[int], parents: list[int] | None = None) -> Tensor:
+    def verify(self, tokens: list[int], parents: list[int] | None = None) -> Tensor:
         """One forward pass of ``tokens`` (pending token + draft) over the full view -> ``[T, vocab]``.
 
         parents: the draft as a token tree (``speculative/tree.py``; indices into ``tokens[1:]``), or None for
@@ -181,18 +224,15 @@ class DualCache:
         """
         cache = self._verified = self.full.cache()
         self._full_mark = cache.mark()
-        first = cache.seen[0]
-        device = adapter.device
+        first = cache.seen
         if parents is None:
-            positions = torch.arange(first, first + len(tokens), device=device)[None]  # [1, T]
-            tree = None
+            positions, tree = None, None
         else:
             check_parents(parents)
-            positions = torch.tensor([[first, *(first + d for d in depths(parents))]], device=device)  # [1, T]
-            tree = visibility(parents)
-        ctx = ForwardContext(cache, positions, None, phase="decode", tree=tree)
-        logits = adapter.forward(torch.tensor([tokens], device=device), positions, ctx, all_logits=True)
-        cache.seen[0] += len(tokens)
+            positions = [first, *(first + d for d in depths(parents))]
+            tree = visibility(parents).to(self.runner.device)
+        row = self.runner.row(cache, tokens, None, "decode", positions=positions, tree=tree)
+        logits = self.runner.forward([row], all_logits=True)
         return logits[0]
 
     @torch.inference_mode()
@@ -216,10 +256,14 @@ class DualCache:
             keys, values, positions = src.view()  # [1, H, L, D], [1, H, L, D], [1, H, L]
             n = src.max_length
             dst.append(keys[:, :, n - tokens : n], values[:, :, n - tokens : n], positions[:, 0, n - tokens : n])
-        self.draft.seen[0] += tokens
+        self.draft.seen += tokens
         comp = self.compressor
         if comp is not None and comp.active("decode"):
-            ForwardContext(self.draft, torch.empty(1, 0), comp, phase="decode").compress()
+            self.runner.compress(self.draft, comp, "decode")
+
+    def nbytes(self) -> int:
+        """Bytes both views hold in memory (a full view in files is not counted)."""
+        return self.draft.nbytes() + self.full.memory_bytes()
 
 
 def make_full_view(spec: str) -> FullView:
@@ -227,40 +271,3 @@ def make_full_view(spec: str) -> FullView:
     if spec == "memory":
         return MemoryFullView()
     return DiskFullView(spec.removeprefix("disk:"))
-
-
-def prepare_dual(engine, segments, full_view: FullView, room: int, progress=None,
-                 prefilled: tuple[SlimCache, Tensor] | None = None) -> tuple[DualCache, Tensor]:
-    """Prefill a request once into both views; returns them and the prompt's last logits ``[1, vocab]``.
-
-    The compressor observes the context prefill (SnapKV's window, H2O's attention mass) without
-    touching the full cache; the draft view is a compressed copy. A question is prefilled over the
-    full view and its exact KV copied into the draft view.
-    prefilled: an uncompressed cache of the whole prompt and its last logits, already observed by the
-               compressor (prefill once, decode many); it becomes the full view.
-    """
-    engine.check_length(segments)
-    comp = engine.compressor
-    if prefilled is not None:
-        full, logits = prefilled
-        if full.seen != [segments.total]:
-            raise ValueError(f"the prefilled cache holds {full.seen} tokens, the prompt {segments.total}")
-        segments = type(segments)(list(segments.context) + list(segments.question), [])
-    else:
-        full = engine.new_cache()
-        logits = engine.prefill(full, segments.context, progress=progress, total=segments.total)
-    draft = full.clone()
-    if comp is not None and (comp.active("prefill") or comp.active("decode")):
-        engine.compress(draft, "prefill")
-    for layer in full.layers:  # the full view keeps keys and values only
-        layer.extra.clear()
-        layer.slot_state.clear()
-    dual = DualCache(draft, full_view, comp)
-    if segments.question:
-        logits = engine.prefill(full, segments.question, progress=progress, done=len(segments.context),
-                                total=segments.total, observers=())
-        dual.copy_tail(full, len(segments.question))
-    for layer in draft.layers:  # room for the answer and one draft, so no growth block is added
-        layer.reserve(layer.max_length + room)
-    full_view.open(full, room)
-    return dual, logits

@@ -4,15 +4,16 @@ Contract: after compressing a prompt once, the engine calls :func:`cache_to_payl
 ``encode_cache(payload)``; a later request decodes it and calls :func:`payload_to_cache` to get a
 ready-to-query cache. Only public ``KVLayer`` operations are used. Stored per layer: keys, values,
 positions and lengths of the kept entries, plus ``seen`` per sequence. Not stored: compressor
-per-entry state (``slot_state``, ``extra``) and the softmax ``scale`` (the engine sets it), so a
-restored cache can be queried and decoded from, and a decode-phase compressor starts from fresh state.
+compressor state (``SlimCache.states``, per-entry state) and the softmax ``scale`` (the engine sets
+it), so a restored cache can be queried and decoded from, and a decode-phase compressor starts from
+fresh state.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..cache import CacheSpec, RaggedLayer, SlimCache
+from ..cache import CacheSpec, KVLayer, RaggedLayer, SlimCache
 from ..cache.ragged import pages_pay
 from ..errors import InputError
 from .codec import CachePayload, LayerEntries
@@ -28,7 +29,7 @@ def cache_to_payload(cache: SlimCache) -> CachePayload:
             raise InputError(f"cache layer {i} is quantized; the store keeps dense entries only")
         keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
         layers.append(LayerEntries(keys.cpu(), values.cpu(), positions.cpu(), layer.lengths.cpu()))
-    return CachePayload(layers=layers, seen=list(cache.seen))
+    return CachePayload(layers=layers, seen=[cache.seen])
 
 
 def payload_to_cache(payload: CachePayload, spec: CacheSpec, device: str | torch.device = "cpu") -> SlimCache:
@@ -39,22 +40,22 @@ def payload_to_cache(payload: CachePayload, spec: CacheSpec, device: str | torch
     """
     if len(payload.layers) != spec.layers:
         raise InputError(f"stored cache has {len(payload.layers)} layers, the model has {spec.layers}")
-    cache = SlimCache(spec, batch=len(payload.seen))
-    cache.seen = list(payload.seen)
-    for i, (layer, entries) in enumerate(zip(cache.layers, payload.layers)):
+    if len(payload.seen) != 1:
+        raise InputError(f"stored cache holds {len(payload.seen)} sequences; a cache holds one")
+    cache = SlimCache(spec)
+    cache.seen = int(payload.seen[0])
+    for i, entries in enumerate(payload.layers):
         keys, values = entries.keys.to(device), entries.values.to(device)
-        batch, heads, cap, dim = keys.shape
-        if heads != spec.kv_heads or dim != spec.head_dim or batch != cache.batch:
+        batch, heads, _, dim = keys.shape
+        if heads != spec.kv_heads or dim != spec.head_dim or batch != 1:
             raise InputError(
                 f"stored cache layer {i} has [batch={batch}, kv_heads={heads}, head_dim={dim}], expected "
-                f"[{cache.batch}, {spec.kv_heads}, {spec.head_dim}]"
+                f"[1, {spec.kv_heads}, {spec.head_dim}]"
             )
-        # append writes every row in full; then the real per-head positions and lengths are applied
-        layer.append(keys, values, torch.zeros(batch, cap, dtype=torch.int32, device=device), exact=True)
-        assert layer.positions is not None
-        layer.positions.copy_(entries.positions.to(device))
-        slots = torch.arange(cap, device=device).expand(batch, heads, cap)
-        layer.keep(slots, lengths=entries.lengths.to(device))
-        if entries.lengths.numel() and pages_pay(entries.lengths):  # head-wise budgets: paged again
+        lengths = entries.lengths.to(device)
+        layer = KVLayer.from_entries(keys, values, entries.positions.to(device), lengths)
+        if lengths.numel() and pages_pay(lengths):  # head-wise budgets: paged again
             cache.layers[i] = RaggedLayer.from_layer(layer)
+        else:
+            cache.layers[i] = layer
     return cache

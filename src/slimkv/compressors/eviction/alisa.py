@@ -19,17 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from ..state import QueryWindow, window_bytes
 from .snapkv import window_attention
-
-STATE = "alisa"  # layer.extra prefix, read back by snapkv.window_attention
-QUERIES, QUERY_POSITIONS = f"{STATE}_q", f"{STATE}_pos"
 
 
 @register
@@ -48,9 +45,10 @@ class ALISACompressor(Compressor):
     paper = ("Zhao et al., ALISA: Accelerating Large Language Model Inference via Sparsity-Aware KV Caching, "
              "ISCA 2024, arXiv:2403.17312")
     supported_phases = ("prefill", "decode")
+    state_fields = ("queries",)
     # the latest queries are still the latest after a compression; without them the first decode
     # steps would evict the oldest entries, the attention sinks among them
-    decode_state = (QUERIES, QUERY_POSITIONS)
+    decode_state = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,26 +58,24 @@ class ALISACompressor(Compressor):
         if not 0.0 <= self.recent <= 1.0:
             raise ConfigError(f"alisa recent must be a share of the budget in [0, 1], got {self.recent}")
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
-        q, pos = query, query_positions  # [B, Hq, T, D], [B, T]
-        prev = layer.extra.get(QUERIES)
-        if prev is not None and prev.shape[0] == q.shape[0]:
-            q = torch.cat([prev, q], dim=2)
-            pos = torch.cat([layer.extra[QUERY_POSITIONS], pos], dim=1)
-        layer.extra[QUERIES] = q[:, :, -self.queries :].contiguous()
-        layer.extra[QUERY_POSITIONS] = pos[:, -self.queries :].contiguous()
+        ctx.states.setdefault(self.state_key, QueryWindow).record(query, query_positions, self.queries)
 
-    def recent_attention(self, layer: KVLayer) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return window_bytes(spec, q_heads, self.queries)
+
+    def recent_attention(self, layer: CacheLayer, window: QueryWindow) -> Tensor:
         """Attention the latest queries paid to every slot, summed over them and their group: [B, H, L]."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        probs, _ = window_attention(layer, keys, positions, state=STATE)  # [B, H, G, w, L]
+        probs, _ = window_attention(layer, keys, positions, window)  # [B, H, G, w, L]
         return probs.nan_to_num(0.0).sum(dim=(2, 3))
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()  # [B, H, L]
-        if QUERIES in layer.extra:
-            mass = self.recent_attention(layer)
+        window = ctx.states.get(self.state_key, QueryWindow)
+        if window is not None:
+            mass = self.recent_attention(layer, window)
         else:  # nothing observed yet (decode phase only, first step): prefer the newer entries
             mass = positions.float() * 1e-9
         n_recent = (ctx.keep.to(positions.device).double() * self.recent).long()  # [B]

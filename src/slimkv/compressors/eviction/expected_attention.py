@@ -20,18 +20,17 @@ Question-agnostic by design (the statistics describe the whole prompt, not a que
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec
 from ...cache.vq_codes import rope
 from ...errors import ConfigError
-from ..base import Compressor, ScoreContext
+from ..base import Compressor, ModelAccess, ScoreContext
 from ..registry import register
-
-PREFIX = "expected_attention_"
+from ..state import QueryStats
 
 
 def mean_rotation(inv_freq: Tensor, start: float, count: int) -> Tensor:
@@ -49,9 +48,10 @@ def mean_rotation(inv_freq: Tensor, start: float, count: int) -> Tensor:
     return out
 
 
-@dataclass
-class _Bound:
-    model: str
+@dataclass(frozen=True)
+class RopeTable:
+    """A model's RoPE frequencies per layer (what ``bind`` returns)."""
+
     inv_freq: list[Tensor]  # per layer [D/2]
     scaling: list[float]
 
@@ -69,12 +69,12 @@ class ExpectedAttentionCompressor(Compressor):
     future: int = 512
     sinks: int = 4
     covariance: bool = True
-    _bound: _Bound | None = field(default=None, init=False, repr=False, compare=False)
 
     name = "expected_attention"
     paper = ("Devoto et al., Expected Attention: KV Cache Compression by Estimating Attention from Future "
              "Queries Distribution, arXiv:2510.00636")
     supported_phases = ("prefill",)
+    state_fields = ("sinks",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,43 +83,44 @@ class ExpectedAttentionCompressor(Compressor):
         if self.sinks < 0:
             raise ConfigError(f"expected_attention sinks must be >= 0, got {self.sinks}")
 
-    def bind(self, engine) -> None:
-        """Read the model's RoPE frequencies (to rotate observed queries back to their pre-RoPE form)."""
-        adapter = engine.adapter
-        fingerprint = adapter.fingerprint()
-        if self._bound is not None and self._bound.model == fingerprint:
-            return
+    def bind(self, model: ModelAccess) -> RopeTable:
+        """The model's RoPE frequencies (to rotate observed queries back to their pre-RoPE form)."""
+        adapter = model.adapter
         ropes = [adapter.rope(i) for i in range(adapter.spec.layers)]
-        self._bound = _Bound(fingerprint, [r.inv_freq for r in ropes], [r.scaling for r in ropes])
+        return RopeTable([r.inv_freq for r in ropes], [r.scaling for r in ropes])
 
-    def _rope(self, layer_idx: int) -> tuple[Tensor, float]:
-        if self._bound is None:
-            raise ConfigError("expected_attention needs the model's RoPE frequencies: give the compressor to "
-                              "an Engine, or call compressor.bind(engine) first")
-        return self._bound.inv_freq[layer_idx], self._bound.scaling[layer_idx]
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return spec.layers * q_heads * 8 * (spec.head_dim + spec.head_dim ** 2 + 1)  # float64 sums
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    @staticmethod
+    def _rope(ctx: ScoreContext) -> tuple[Tensor, float]:
+        table = ctx.bound
+        if not isinstance(table, RopeTable):
+            raise ConfigError("expected_attention needs the model's RoPE frequencies: run it through an Engine "
+                              "(which binds it), or pass compressor.bind(model) as ScoreContext.bound")
+        return table.inv_freq[ctx.layer_idx], table.scaling[ctx.layer_idx]
+
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
-        inv_freq, scaling = self._rope(ctx.layer_idx)
+        inv_freq, scaling = self._rope(ctx)
         # pre-RoPE queries [B, Hq, T, D]: rotated back by their own positions
         pre = rope(query.float(), query_positions[:, None, :], -inv_freq).double() / scaling
         use = (query_positions >= self.sinks).to(pre.device)[:, None, :, None].double()  # [B, 1, T, 1]
         pre = pre * use
-        stats = {"sum": pre.sum(dim=2), "outer": pre.transpose(-1, -2) @ pre, "count": use.sum(dim=2)}
-        for name, value in stats.items():  # [B, Hq, D], [B, Hq, D, D], [B, 1, 1]
-            key = PREFIX + name
-            prev = layer.extra.get(key)
-            layer.extra[key] = value if prev is None or prev.shape != value.shape else prev + value
+        # [B, Hq, D], [B, Hq, D, D], [B, 1, 1]
+        ctx.states.setdefault(self.state_key, QueryStats).add(pre.sum(dim=2), pre.transpose(-1, -2) @ pre,
+                                                              use.sum(dim=2))
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        if PREFIX + "sum" not in layer.extra:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
+        stats = ctx.states.get(self.state_key, QueryStats)
+        if stats is None or stats.total is None or stats.outer is None or stats.count is None:
             raise RuntimeError("expected_attention scores need the prompt's query statistics; no prefill was observed")
-        inv_freq, scaling = self._rope(ctx.layer_idx)
+        inv_freq, scaling = self._rope(ctx)
         keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
         batch, heads, length, dim = keys.shape
-        count = layer.extra[PREFIX + "count"].clamp(min=1.0)  # [B, 1, 1]
-        mean = layer.extra[PREFIX + "sum"] / count  # [B, Hq, D]
-        cov = layer.extra[PREFIX + "outer"] / count[..., None] - mean[..., :, None] * mean[..., None, :]
+        count = stats.count.clamp(min=1.0)  # [B, 1, 1]
+        mean = stats.total / count  # [B, Hq, D]
+        cov = stats.outer / count[..., None] - mean[..., :, None] * mean[..., None, :]
         scores = []
         for b in range(batch):  # the future positions differ per sequence
             rot = mean_rotation(inv_freq, float(ctx.seen[b]), self.future).to(keys.device)  # [D, D]

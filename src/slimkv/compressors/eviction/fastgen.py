@@ -39,34 +39,57 @@ the paper does. Before each new token is written, a head evicts an entry its pol
 A head holds its policy's entries plus at most the newest token. The cap still holds per layer: when
 a layer holds ``kv_heads * keep`` entries, every head evicts its least attended entry before it
 writes, never a sink and, while older entries remain, none of the recent ``local`` share (as H2O
-keeps a recent window: a new token has had few queries to gather mass). State: each head's policy
-(``layer.extra``, kept through compression as ``decode_state``) and one float per entry (its mass,
-``+inf`` for special and punctuation entries), both counted in ``bytes_kept``. ``phase="prefill"``
-(the default) appends generated tokens to every head.
+keeps a recent window: a new token has had few queries to gather mass). State (per request and
+layer): each head's policy (:class:`FastGenState`, kept through compression when decoding) and one
+float per entry (its mass, ``+inf`` for special and punctuation entries, ``layer.entry_state``), both
+counted in ``bytes_kept``. ``phase="prefill"`` (the default) appends generated tokens to every head.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec, CompressorState, Room
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from ..state import QueryWindow, window_bytes
 from .h2o import sampled_mass
-from .snapkv import SnapKVCompressor, window_attention
+from .snapkv import window_attention
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-PUNCT = "fastgen_punct"  # layer.extra: [B, tokens seen] bool punctuation flags, by position (prefill)
-POLICY = "fastgen_policy"  # layer.extra: [B, H] each head's policy index, kept for the decode phase
-MASS = "fastgen_mass"  # slot_state: attention mass per entry, +inf for special and punctuation entries
-PROFILE = "fastgen_profile"  # layer.extra: [2, B, H, L] member and mass of the last profiling (one compress)
+
+@dataclass
+class FastGenState(CompressorState):
+    """What FastGen records for one layer of one request.
+
+    window: the profiling window's queries (prefill)
+    punct: [B, tokens seen] bool punctuation flags, by position (prefill)
+    policy: [B, H] each head's policy index once chosen, kept for the decode phase
+    member, mass: [B, H, L] the chosen policies' entries and the window's attention, from the profiling
+                  that ``compress`` runs and ``score`` reads (one compression)
+    The entries' accumulated mass (``+inf`` for special and punctuation entries) is a per-entry state of
+    the layer under the same key.
+    """
+
+    window: QueryWindow = field(default_factory=QueryWindow)
+    punct: Tensor | None = None
+    policy: Tensor | None = None
+    member: Tensor | None = None
+    mass: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [*super().tensors(), *self.window.tensors()]
+
+    def clone(self) -> FastGenState:
+        out = super().clone()
+        out.window = self.window.clone()
+        return out
 
 
 @register
@@ -96,8 +119,8 @@ class FastGenCompressor(Compressor):
     needs_punctuation = True
     excludes = True
     decodes_per_head = True
-    decode_state = (POLICY,)
-    state: ClassVar[str] = "fastgen"  # ``layer.extra`` prefix of the observed window (SnapKV's observe)
+    decode_state = True
+    state_fields = ("window",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,23 +139,28 @@ class FastGenCompressor(Compressor):
             if not 0.0 <= share <= 1.0:
                 raise ConfigError(f"fastgen {what} must be a share of the seen tokens in [0, 1], got {share}")
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    def _state(self, ctx: ScoreContext) -> FastGenState:
+        return ctx.states.setdefault(self.state_key, FastGenState)
+
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        per_layer = spec.kv_heads * (8 + 4 * tokens) + tokens  # policies, entry mass, punctuation flags
+        return window_bytes(spec, q_heads, self.window) + spec.layers * per_layer
+
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
-        if POLICY in layer.extra:  # the prompt was profiled: follow the policies (decode phase)
+        state = self._state(ctx)
+        if state.policy is not None:  # the prompt was profiled: follow the policies (decode phase)
             self._follow(layer, ctx, query, query_positions)
             return
-        SnapKVCompressor.observe(self, layer, ctx, query, query_positions, key_mass)  # type: ignore[arg-type]
+        state.window.record(query, query_positions, self.window)
         if ctx.punctuation is not None:  # [B, T] flags of this pass's tokens, kept in position order
-            prev = layer.extra.get(PUNCT)
             flags = ctx.punctuation.to(torch.bool)
-            if prev is not None and prev.shape[0] == flags.shape[0]:
-                flags = torch.cat([prev, flags], dim=1)
-            layer.extra[PUNCT] = flags
+            state.punct = flags if state.punct is None else torch.cat([state.punct, flags], dim=1)
 
-    def _follow(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor) -> None:
+    def _follow(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor) -> None:
         """After profiling: add this pass's attention to every entry's mass; mark new punctuation."""
         _, _, positions = layer.view()  # [B, H, L]
-        state, length = layer.new_slot_state(MASS), positions.shape[-1]
+        state, length = layer.entry_state(self.state_key), positions.shape[-1]
         state[:, :, :length] += sampled_mass(layer, query, query_positions, 1)
         if ctx.punctuation is None:
             return
@@ -143,23 +171,24 @@ class FastGenCompressor(Compressor):
         if bool(new_punct.any()):
             state[:, :, :length] = state[:, :, :length].masked_fill(new_punct, float("inf"))
 
-    def policies(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor]:
+    def policies(self, layer: CacheLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor]:
         """Each head's policy: index (0-4, the module docstring's order) [B, H], its entries [B, H, L]
         bool, and the attention mass of every slot [B, H, L] (window queries, summed over the group)."""
         choice, member, mass, _ = self._profile(layer, ctx)
         return choice, member, mass
 
-    def _profile(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _profile(self, layer: CacheLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`policies`, and the special-or-punctuation entries [B, H, L] bool."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        probs, _ = window_attention(layer, keys, positions, self.state)  # [B, H, G, w, L]
+        state = ctx.states.get(self.state_key, FastGenState)
+        probs, _ = window_attention(layer, keys, positions, None if state is None else state.window)  # [B, H, G, w, L]
         mass = probs.sum(dim=(2, 3))  # [B, H, L]
         valid = layer.valid_mask() if not layer.uniform else torch.ones_like(mass, dtype=torch.bool)
         seen = ctx.seen.to(positions.device).double()[:, None, None]  # [B, 1, 1]
         pos = positions.long()
         special = (pos < self.sinks) & valid
         punct_set = special
-        flags = layer.extra.get(PUNCT)  # [B, tokens seen] bool, by position
+        flags = state.punct if state is not None else None  # [B, tokens seen] bool, by position
         if flags is not None:
             at = flags.gather(1, pos.flatten(1).clamp(max=flags.shape[1] - 1)).view_as(pos)
             punct_set = special | (at & (pos < flags.shape[1]) & valid)
@@ -172,14 +201,14 @@ class FastGenCompressor(Compressor):
         enough[-1] = True
         choice = enough.float().argmax(dim=0)  # the first (cheapest) sufficient policy
         member = sets.gather(0, choice[None, ..., None].expand(1, *mass.shape))[0]
-        logger.debug("fastgen layer %d heads per policy (special, +punct, +frequent, +local, full): %s",
+        log.debug("fastgen layer %d heads per policy (special, +punct, +frequent, +local, full): %s",
                      ctx.layer_idx, torch.bincount(choice.flatten(), minlength=5).tolist())
         return choice, member, mass, punct_set
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        profile = layer.extra.get(PROFILE)  # computed by compress (decode phase ahead), else now
-        if profile is not None:
-            member, mass = profile[0].bool(), profile[1]
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
+        state = self._state(ctx)
+        if state.member is not None and state.mass is not None:  # profiled by compress (decode ahead)
+            member, mass = state.member, state.mass
         else:
             _, member, mass = self.policies(layer, ctx)
         _, _, positions = layer.view()  # [B, H, L]
@@ -187,28 +216,31 @@ class FastGenCompressor(Compressor):
         return scores.masked_fill(member & (positions.long() < self.sinks), float("inf"))
 
     # ------------------------------------------------------------------ decode phase (phase="both")
-    def compress(self, layer: KVLayer, ctx: ScoreContext, merger: Compressor | None = None) -> KVLayer | None:
+    def compress(self, layer: CacheLayer, ctx: ScoreContext,
+                 merger: Compressor | None = None) -> CacheLayer | None:
         """Profile and keep each head's policy (prefill); in the decode phase, after a multi-token pass
         (a question), keep the policies: ``make_room`` evicts what they do not hold, a token per step."""
         if not self.active("decode"):
             return super().compress(layer, ctx, merger)
-        if POLICY in layer.extra:
-            self.drop_state(layer)
-            return None
-        if not layer.initialized:
+        state = self._state(ctx)
+        if state.policy is not None or not layer.initialized:
             return None
         choice, member, mass, protected = self._profile(layer, ctx)
         length = mass.shape[-1]
-        layer.new_slot_state(MASS)[:, :, :length] = mass.float().masked_fill(protected, float("inf"))
-        layer.extra[PROFILE] = torch.stack([member.float(), mass.float()])  # score() reads it
-        layer.extra[POLICY] = choice  # outlives the compression (decode_state); the mass moves along
-        return super().compress(layer, ctx, merger)
+        layer.entry_state(self.state_key)[:, :, :length] = mass.float().masked_fill(protected, float("inf"))
+        state.member, state.mass = member, mass.float()  # score() reads them
+        out = super().compress(layer, ctx, merger)
+        # what outlives the compression: the policies (and the per-entry mass, which moved along)
+        state.policy, state.member, state.mass, state.punct = choice, None, None, None
+        state.window = QueryWindow()
+        return out
 
-    def make_room(self, layer: KVLayer, ctx: ScoreContext) -> tuple[Tensor, Tensor] | None:
+    def make_room(self, layer: CacheLayer, ctx: ScoreContext, cap: int) -> Room | None:
         """Per head: evict an entry its policy does not hold; at the layer's cap, its least attended one."""
         if not layer.initialized:
             return None
-        policy = layer.extra.get(POLICY)
+        state = ctx.states.get(self.state_key, FastGenState)
+        policy = None if state is None else state.policy
         if policy is None:
             raise RuntimeError("fastgen decodes with the policies it chose on the prompt; compress the "
                                "prompt first (Engine.prepare and generate do)")
@@ -216,7 +248,7 @@ class FastGenCompressor(Compressor):
         _, _, positions = layer.view()  # [B, H, L]
         pos = positions.long()
         valid = layer.valid_mask() if not layer.uniform else torch.ones_like(pos, dtype=torch.bool)
-        mass = layer.new_slot_state(MASS)[:, :, : pos.shape[-1]]  # [B, H, L]
+        mass = layer.entry_state(self.state_key)[:, :, : pos.shape[-1]]  # [B, H, L]
         seen = ctx.seen.to(pos.device)[:, None, None]  # [B, 1, 1], counting the token about to come
         sink = (pos < self.sinks) & valid
         protected = torch.isinf(mass) & valid  # special and punctuation entries
@@ -240,7 +272,7 @@ class FastGenCompressor(Compressor):
         full = has_stray | (at_cap[:, None] & evictable)
         if not bool(full.any()):
             return None
-        return victim, full
+        return Room(victim, full)
 
 
 def _rank(scores: Tensor) -> Tensor:

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec
 from ...cache.attention import visible_width
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
 from .snapkv import query_attention
 
-STATE = "h2o"
 SAMPLED_ROWS = 32  # sampled queries scored at once (a [G x 32, L] block per KV head)
 
 
@@ -52,6 +51,8 @@ class H2OCompressor(Compressor):
     name = "h2o"
     paper = "Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, arXiv:2306.14048"
     supported_phases = ("prefill", "decode")
+    state_fields = ("query_stride",)
+    decode_state = True  # the mass accumulated over the prompt keeps growing while decoding
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,25 +66,28 @@ class H2OCompressor(Compressor):
     def needs_key_mass(self) -> bool:  # exact mass comes from the attention pass itself
         return self.query_stride == 1
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
         if key_mass is None:
             key_mass = sampled_mass(layer, query, query_positions, int(self.query_stride))
-        state = layer.new_slot_state(STATE)
+        state = layer.entry_state(self.state_key)
         state[:, :, : key_mass.shape[-1]] += key_mass
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return spec.layers * spec.kv_heads * tokens * 4  # a float32 mass per entry
+
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()  # [B, H, L]
         length = positions.shape[-1]
-        state = layer.slot_state.get(STATE)
-        mass = state[:, :, :length] if state is not None else torch.zeros(positions.shape)
+        state = layer.get_entry_state(self.state_key)
+        mass = state[:, :, :length] if state is not None else torch.zeros(positions.shape, device=positions.device)
         n_recent = (ctx.keep.to(positions.device).double() * self.recent).long()  # [B]
         first_recent = ctx.seen.to(positions.device) - n_recent  # [B]
         recent = positions >= first_recent[:, None, None]
         return mass.masked_fill(recent, float("inf"))
 
 
-def sampled_mass(layer: KVLayer, query: Tensor, query_positions: Tensor, stride: int) -> Tensor:
+def sampled_mass(layer: CacheLayer, query: Tensor, query_positions: Tensor, stride: int) -> Tensor:
     """Attention mass per slot [B, H, L] estimated from one query in ``stride`` of this pass.
 
     query: [B, Hq, T, D] (RoPE applied); query_positions: [B, T]. The last query of every run of
@@ -100,9 +104,10 @@ def sampled_mass(layer: KVLayer, query: Tensor, query_positions: Tensor, stride:
     for start in range(0, picked.shape[0], SAMPLED_ROWS):
         rows = slice(start, start + SAMPLED_ROWS)
         qp = qpos[:, rows]  # [B, s]
-        # a prompt's early queries see only its first slots: skip the slots none of them can see
-        seen = positions <= qp.max()
-        width = visible_width(seen if valid is None else seen & valid, positions.shape[-1])
+        width = positions.shape[-1]
+        if tokens > 1:  # a prompt's early queries see only its first slots: skip the slots none can see
+            seen = positions <= qp.max()
+            width = visible_width(seen if valid is None else seen & valid, width)
         probs = query_attention(q[:, :, rows], qp, keys[:, :, :width], positions[..., :width], layer.scale,
                                 None if valid is None else valid[..., :width])  # [B, H, G, s, w]
         mass[..., :width] += torch.einsum("bhgsl,s->bhl", probs, weight[rows])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
@@ -79,7 +79,7 @@ class KeyDiffCompressor(Compressor):
         if self.heads not in HEADS:
             raise ConfigError(f"keydiff heads must be one of {', '.join(HEADS)}, got {self.heads!r}")
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
         unit = F.normalize(keys.float(), dim=-1)
         # free slots hold stale data: they take no part in the centres
@@ -97,7 +97,7 @@ class KeyDiffCompressor(Compressor):
         return max(int(self.anchors), -(-length // int(self.keys_per_anchor)))
 
 
-def _head_mean(score: Tensor, positions: Tensor, layer: KVLayer) -> Tensor:
+def _head_mean(score: Tensor, positions: Tensor, layer: CacheLayer) -> Tensor:
     """Average ``score`` [B, H, L] over the KV heads per *token*, returned in each row's slot order.
 
     Rows hold the same tokens in the same slots until heads evict differently; with shared scores

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ..base import Compressor, ScoreContext
 from ..registry import register
 
@@ -24,6 +24,6 @@ class KnormCompressor(Compressor):
     paper = "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, arXiv:2406.11430"
     supported_phases = ("prefill", "decode")
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         keys, _, _ = layer.view()  # [B, H, L, D]
         return -keys.float().norm(dim=-1)

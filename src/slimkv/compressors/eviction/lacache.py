@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
@@ -66,7 +66,7 @@ class LaCacheCompressor(Compressor):
         span = min(self.span or max(1, num_layers // 2), num_layers)
         return max(2, 1 + math.ceil((num_layers - span) / span))
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()  # [B, H, L]
         pos = positions.long()
         stride = self.stride(ctx.num_layers)

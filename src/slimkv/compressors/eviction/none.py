@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ..base import Compressor, ScoreContext
 from ..registry import register
 
@@ -26,5 +26,5 @@ class NoCompression(Compressor):
     def describe(self) -> str:
         return "none (full cache)"
 
-    def score(self, layer: KVLayer, ctx: ScoreContext):  # pragma: no cover - never called
+    def score(self, layer: CacheLayer, ctx: ScoreContext):  # pragma: no cover - never called
         raise RuntimeError("the full cache never scores entries")

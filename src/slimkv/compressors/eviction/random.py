@@ -5,14 +5,14 @@ Paper: used as a baseline in Devoto et al., arXiv:2406.11430 and in NVIDIA kvpre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from ..state import RandomStream
 
 
 @register
@@ -24,16 +24,15 @@ class RandomCompressor(Compressor):
     """
 
     seed: int = 0
-    _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     name = "random"
     paper = "baseline (kvpress; Devoto et al., arXiv:2406.11430)"
     supported_phases = ("prefill", "decode")
+    state_fields = ("seed",)
+    decode_state = True  # each request and layer draws from its own stream
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._generator = torch.Generator().manual_seed(int(self.seed))
-
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()
-        return torch.rand(positions.shape, generator=self._generator).to(positions.device)
+        stream = ctx.states.setdefault(self.state_key,
+                                       lambda: RandomStream.seeded(int(self.seed) + 7919 * ctx.layer_idx))
+        return stream.rand(positions.shape).to(positions.device)

@@ -10,16 +10,16 @@ never the prompt's full n x n attention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
+from ..state import QueryWindow, window_bytes
 
 
 @register
@@ -40,8 +40,7 @@ class SnapKVCompressor(Compressor):
     name = "snapkv"
     paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
     supported_phases = ("prefill",)
-    #: prefix of the ``layer.extra`` entries holding the window (methods that reuse these votes use their own)
-    state: ClassVar[str] = "snapkv"
+    state_fields = ("window",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,19 +49,17 @@ class SnapKVCompressor(Compressor):
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError(f"snapkv kernel must be an odd number >= 1, got {self.kernel}")
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
+    def observe(self, layer: CacheLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
                 key_mass: Tensor | None) -> None:
-        q, pos = query, query_positions  # [B, Hq, T, D], [B, T]
-        prev = layer.extra.get(f"{self.state}_q")
-        if prev is not None and prev.shape[0] == q.shape[0]:
-            q = torch.cat([prev, q], dim=2)
-            pos = torch.cat([layer.extra[f"{self.state}_pos"], pos], dim=1)
-        layer.extra[f"{self.state}_q"] = q[:, :, -self.window :].contiguous()
-        layer.extra[f"{self.state}_pos"] = pos[:, -self.window :].contiguous()
+        ctx.states.setdefault(self.state_key, QueryWindow).record(query, query_positions, self.window)
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return window_bytes(spec, q_heads, self.window)
+
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        probs, qpos = window_attention(layer, keys, positions, self.state)  # [B, H, G, w, L], [B, w]
+        window = ctx.states.get(self.state_key, QueryWindow)
+        probs, qpos = window_attention(layer, keys, positions, window)  # [B, H, G, w, L], [B, w]
         batch, heads, length = positions.shape
         votes = probs.mean(dim=(2, 3))  # [B, H, L]
         # pool over neighbouring *positions* (slots may be out of order after decode-phase eviction)
@@ -76,18 +73,18 @@ class SnapKVCompressor(Compressor):
         return scores.masked_fill(in_window, float("inf"))
 
 
-def window_attention(layer: KVLayer, keys: Tensor, positions: Tensor,
-                     state: str = "snapkv") -> tuple[Tensor, Tensor]:
-    """Attention of the observed window queries over the layer's view (recorded by SnapKV's observe).
+def window_attention(layer: CacheLayer, keys: Tensor, positions: Tensor,
+                     window: QueryWindow | None) -> tuple[Tensor, Tensor]:
+    """Attention of observed window queries over the layer's view.
 
     keys: [B, H, L, D] and positions: [B, H, L] from ``layer.view()``
-    state: the observer's ``layer.extra`` prefix (``SnapKVCompressor.state``)
+    window: the queries an observer recorded for this layer (``ctx.states``), None if none was
     Returns probabilities [B, H, G, w, L] (G query heads per KV head, w window queries; free slots and
     entries after a query get 0) and the window's positions [B, w].
     """
-    if f"{state}_q" not in layer.extra:
+    if window is None or window.queries is None or window.positions is None:
         raise RuntimeError("window scores need the observation window; no prefill was observed")
-    q, qpos = layer.extra[f"{state}_q"], layer.extra[f"{state}_pos"]  # [B, Hq, w, D], [B, w]
+    q, qpos = window.queries, window.positions  # [B, Hq, w, D], [B, w]
     valid = None if layer.uniform else layer.valid_mask()
     return query_attention(q, qpos, keys, positions, layer.scale, valid), qpos
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
@@ -34,7 +34,7 @@ class StreamingLLMCompressor(Compressor):
         if self.sinks < 0:
             raise ConfigError(f"sinks must be >= 0, got {self.sinks}")
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         _, _, positions = layer.view()  # [B, H, L]
         score = positions.float()  # newer is better ...
         return score.masked_fill(positions < self.sinks, float("inf"))  # ... and sinks always stay

@@ -29,14 +29,14 @@ are not evicted at once. On the embedded model a wide window works best: streami
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer
 from ...errors import ConfigError
-from ..base import Compressor, ScoreContext
+from ..base import Compressor, ModelAccess, ScoreContext
 from ..registry import register
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,10 @@ def expected_logits(keys: Tensor, centre: Tensor, abs_mean: Tensor, inv_freq: Te
     return (trig + norm).reshape(batch, q_heads, length)
 
 
-@dataclass
-class _Bound:
-    """What a TriAttention instance loaded for one model (see ``bind``)."""
+@dataclass(frozen=True)
+class Centres:
+    """What TriAttention needs of a model (``bind``): calibrated query centres and RoPE frequencies."""
 
-    model: str
     centre: Tensor  # [layers, Hq, D/2] complex64
     abs_mean: Tensor  # [layers, Hq, D/2] float32
     inv_freq: list[Tensor]  # per layer, [D/2]
@@ -101,7 +100,6 @@ class TriAttentionCompressor(Compressor):
 
     recent: float = 0.5
     max_distance: int = 4096
-    _bound: _Bound | None = field(default=None, init=False, repr=False, compare=False)
 
     name = "triattention"
     paper = ("TriAttention: Efficient Long Reasoning with Trigonometric KV Compression (2026), "
@@ -117,29 +115,24 @@ class TriAttentionCompressor(Compressor):
             raise ConfigError(f"triattention max_distance must be >= 1 token, got {self.max_distance}")
         self._ahead = distances(self.max_distance)
 
-    def bind(self, engine) -> None:
+    def bind(self, model: ModelAccess) -> Centres | None:
         """Load (or measure once) the model's query centres and read its RoPE frequencies."""
         if not self.compresses:
-            return
-        adapter = engine.adapter
-        fingerprint = adapter.fingerprint()
-        if self._bound is not None and self._bound.model == fingerprint:
-            return
+            return None
         from ..calibration import ensure_centres
 
-        centres = ensure_centres(engine)
+        adapter = model.adapter
+        centres = ensure_centres(model)
         ropes = [adapter.rope(i) for i in range(adapter.spec.layers)]
-        self._bound = _Bound(fingerprint, centres.mean, centres.abs_mean,
-                             [r.inv_freq for r in ropes], [r.scaling for r in ropes])
+        return Centres(centres.mean, centres.abs_mean, [r.inv_freq for r in ropes], [r.scaling for r in ropes])
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
-        if self._bound is None:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
+        if not isinstance(ctx.bound, Centres):
             raise ConfigError(
-                "triattention needs the model's query centres: give the compressor to an Engine "
-                "(Engine(model, tokenizer, compressor) or engine.with_compressor(compressor)), "
-                "or call compressor.bind(engine) first"
+                "triattention needs the model's query centres: run it through an Engine (which binds it), "
+                "or pass compressor.bind(model) as ScoreContext.bound"
             )
-        b, i = self._bound, ctx.layer_idx
+        b, i = ctx.bound, ctx.layer_idx
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
         seen = ctx.seen.to(positions.device)
         logits = expected_logits(keys, b.centre[i], b.abs_mean[i], b.inv_freq[i], b.scaling[i],

@@ -28,23 +28,17 @@ the run is. Positions stay the pivot's. The memory saving is real: freed slots a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec, StateKey
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
-
-
-class _WindowVotes(SnapKVCompressor):
-    """SnapKV's observation-window votes, kept under KVMerger's own ``layer.extra`` names."""
-
-    state: ClassVar[str] = "kvmerger"
+from ..state import QueryWindow
 
 
 @dataclass(frozen=True)
@@ -95,7 +89,7 @@ class KVMergerCompressor(Compressor):
     sigma: float = 1.0
     window: int = 16
     kernel: int = 7
-    _votes: _WindowVotes = field(init=False, repr=False, compare=False)
+    _votes: SnapKVCompressor = field(init=False, repr=False, compare=False)
 
     name = "kvmerger"
     kind = "merging"
@@ -112,16 +106,19 @@ class KVMergerCompressor(Compressor):
             )
         if not float(self.sigma) > 0:
             raise ConfigError(f"kvmerger sigma (the Gaussian kernel width) must be > 0, got {self.sigma}")
-        self._votes = _WindowVotes(window=self.window, kernel=self.kernel)  # validates window, kernel
+        self._votes = SnapKVCompressor(window=self.window, kernel=self.kernel)  # validates window, kernel
 
     # ------------------------------------------------------------------ standalone: pivots first
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
-                key_mass: Tensor | None) -> None:
-        self._votes.observe(layer, ctx, query, query_positions, key_mass)
+    def recorders(self, phase: str) -> list[Compressor]:
+        """SnapKV's observation window (shared with a SnapKV stage of the same window)."""
+        return [self._votes] if self.active(phase) else []
 
-    def importance(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return self._votes.state_bytes(spec, q_heads, tokens)
+
+    def importance(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         """Attention from the observation window, or (nothing observed) distinctiveness: [B, H, L]."""
-        if f"{self._votes.state}_q" in layer.extra:
+        if ctx.states.get(self._votes.state_key, QueryWindow) is not None:
             return self._votes.score(layer, ctx)
         keys, _, positions = layer.view()
         unit = F.normalize(keys.float(), dim=-1)
@@ -130,7 +127,7 @@ class KVMergerCompressor(Compressor):
         recent = positions >= (ctx.seen.to(positions.device) - self.window)[:, None, None]
         return (-(unit * anchor).sum(dim=-1)).masked_fill(recent, float("inf"))
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         """Every run's pivot above every other entry, each group by importance: [B, H, L] in [0, 3]."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
         valid = None if layer.uniform else layer.valid_mask()
@@ -149,7 +146,7 @@ class KVMergerCompressor(Compressor):
         return torch.empty_like(key).scatter_(-1, runs.order, key)
 
     # ------------------------------------------------------------------ merging the freed entries
-    def merge(self, layer: KVLayer, ctx: ScoreContext, kept: Tensor, lengths: Tensor | None) -> None:
+    def merge(self, layer: CacheLayer, ctx: ScoreContext, kept: Tensor, lengths: Tensor | None) -> None:
         keys, values, positions = layer.view()  # [B, H, L, D], [B, H, L, D], [B, H, L]
         valid = None if layer.uniform else layer.valid_mask()
         runs = find_runs(keys, positions, valid, self.threshold)

@@ -15,7 +15,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ...cache import KVLayer, QuantizedLayer
+from typing import Any
+
+from ...cache import CacheLayer, KVLayer, QuantizedLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 
@@ -51,15 +53,19 @@ class Quantizer(Compressor):
         """The settings shown by ``describe``."""
         return ""
 
-    def quantize(self, layer: KVLayer, layer_idx: int = 0) -> QuantizedLayer:
-        """The quantized form of a dense layer (its entries in time order) at index ``layer_idx``."""
+    def quantize(self, layer: KVLayer, layer_idx: int = 0, bound: Any = None) -> CacheLayer:
+        """The quantized form of a dense layer (its entries in time order) at index ``layer_idx``.
+
+        bound: what :meth:`bind` returned for the model (per-layer choices, codebooks)
+        """
         raise NotImplementedError
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:  # pragma: no cover - never called
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:  # pragma: no cover - never called
         raise RuntimeError("a quantizer keeps every entry; it does not score them")
 
-    def compress(self, layer, ctx: ScoreContext):
+    def compress(self, layer: CacheLayer, ctx: ScoreContext, merger: Compressor | None = None) -> CacheLayer:
         """Return the quantized layer that replaces ``layer`` (a quantized layer is returned as is)."""
-        if getattr(layer, "quantized", False) or not layer.initialized:
+        if layer.quantized or not layer.initialized:
             return layer
-        return self.quantize(layer, ctx.layer_idx)
+        assert isinstance(layer, KVLayer), "a quantizer converts a dense layer"
+        return self.quantize(layer, ctx.layer_idx, ctx.bound)

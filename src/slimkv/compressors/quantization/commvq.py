@@ -32,7 +32,7 @@ from pathlib import Path
 from ...cache import KVLayer
 from ...cache.vq import VQBooks, VQLayer
 from ...errors import ConfigError
-from ..base import ScoreContext
+from ..base import ModelAccess
 from ..registry import register
 from .base import Quantizer
 from .commvq_calibration import Calibration, load_or_fit
@@ -66,8 +66,6 @@ class CommVQ(Quantizer):
     tokens: int = 4096
     iters: int = 2
     cache_dir: str | None = None
-    _books: list[VQBooks] | None = field(default=None, init=False, repr=False, compare=False)
-    _bound: object = field(default=None, init=False, repr=False, compare=False)
 
     paper = PAPER
 
@@ -85,11 +83,9 @@ class CommVQ(Quantizer):
     def calibration(self, head_dim: int) -> Calibration:
         return Calibration(stages=stages_for(self.bits, head_dim), tokens=self.tokens, iters=self.iters)
 
-    def bind(self, engine) -> None:
-        """Load (or fit, the first time) this model's codebooks; cheap when already bound to it."""
-        adapter, tokenizer = engine.adapter, engine.tokenizer
-        if self._bound is adapter:
-            return
+    def bind(self, model: ModelAccess) -> list[VQBooks]:
+        """This model's codebooks, per layer (loaded from the cache, or fitted the first time)."""
+        adapter = model.adapter
         spec = adapter.spec
         calib = self.calibration(spec.head_dim)
         if calib.stages * 8 + NORM_BITS > self.bits * spec.head_dim:
@@ -99,28 +95,21 @@ class CommVQ(Quantizer):
         tokens = min(self.tokens, adapter.max_positions)
         if tokens != self.tokens:
             calib = Calibration(stages=calib.stages, tokens=tokens, iters=self.iters)
-        data = load_or_fit(adapter, tokenizer, calib, Path(self.cache_dir) if self.cache_dir else None)
+        data = load_or_fit(model, calib, Path(self.cache_dir) if self.cache_dir else None)
         inv_freq = adapter.rope_table()
         device = adapter.device
-        self._books = [
+        return [
             VQBooks(*(data[f"{kind}_{part}"][i].float().to(device) for kind in "kv" for part in ("alpha", "beta")),
                     inv_freq=inv_freq[i].to(device), group=self.group, window=self.window)
             for i in range(spec.layers)
         ]
-        self._bound = adapter
 
-    def compress(self, layer, ctx: ScoreContext):
-        """Return the coded layer that replaces ``layer`` (a quantized layer is returned as is)."""
-        if getattr(layer, "quantized", False) or not layer.initialized:
-            return layer
-        if self._books is None:
-            raise ConfigError(f"{self.name} needs the codebooks of its model: build the Engine with it "
-                              "(the engine binds it) or call compressor.bind(engine) first")
-        return self.quantize_layer(layer, ctx.layer_idx)
-
-    def quantize_layer(self, layer: KVLayer, layer_idx: int) -> VQLayer:
-        assert self._books is not None
-        return VQLayer.from_layer(layer, self._books[layer_idx])
+    def quantize(self, layer: KVLayer, layer_idx: int = 0, bound: list[VQBooks] | None = None) -> VQLayer:
+        """bound: the model's codebooks (:meth:`bind`)."""
+        if bound is None:
+            raise ConfigError(f"{self.name} needs the codebooks of its model: run it through an Engine "
+                              "(which binds it), or pass compressor.bind(model) along")
+        return VQLayer.from_layer(layer, bound[layer_idx])
 
 
 @register

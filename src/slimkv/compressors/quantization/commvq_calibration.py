@@ -27,6 +27,7 @@ from torch import Tensor
 from ...cache.vq_codes import fit_codebooks, rope
 from ...errors import ConfigError, InputError
 from ...models.embedded import cache_root, sha256
+from ..base import ModelAccess
 from ..calibration import write_atomically
 
 log = logging.getLogger(__name__)
@@ -106,18 +107,15 @@ def calibration_ids(tokenizer, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def collect(adapter, tokenizer, tokens: int) -> tuple[Tensor, Tensor]:
+def collect(model: ModelAccess, tokens: int) -> tuple[Tensor, Tensor]:
     """Pre-RoPE keys and values of the calibration text: ``[layers, kv_heads, tokens, head_dim]`` each."""
-    from ...engine import Engine
-
+    adapter = model.adapter
     if tokens > adapter.max_positions:
         raise ConfigError(f"--tokens {tokens} exceeds the model's {adapter.max_positions} positions")
     inv_freq = adapter.rope_table()  # [layers, D/2]
-    engine = Engine(adapter.model, tokenizer, prefill_chunk=1024)
-    ids = calibration_ids(tokenizer, tokens)
-    cache = engine.new_cache()
-    with engine.adapter.attached():
-        engine.prefill(cache, ids)
+    ids = calibration_ids(model.tokenizer, tokens)
+    cache = model.new_cache()
+    model.prefill(cache, ids)
     keys, values = [], []
     for i, layer in enumerate(cache.layers):
         k, v, pos = layer.view()  # [1, H, N, D], [1, H, N, D], [1, H, N]
@@ -126,12 +124,12 @@ def collect(adapter, tokenizer, tokens: int) -> tuple[Tensor, Tensor]:
     return torch.stack(keys), torch.stack(values)
 
 
-def fit(adapter, tokenizer, calib: Calibration) -> dict[str, Tensor]:
+def fit(model: ModelAccess, calib: Calibration) -> dict[str, Tensor]:
     """Collect calibration KV and fit codebooks: ``k_alpha, k_beta, v_alpha, v_beta`` of shape
     ``[layers, kv_heads, stages, HALF, head_dim]`` and the relative errors ``k_error, v_error``
     ``[layers, kv_heads, stages]`` on the calibration vectors."""
     t0 = time.perf_counter()
-    keys, values = collect(adapter, tokenizer, calib.tokens)
+    keys, values = collect(model, calib.tokens)
     layers, heads, n, dim = keys.shape
     out: dict[str, Tensor] = {}
     for kind, x in (("k", keys), ("v", values)):
@@ -146,14 +144,14 @@ def fit(adapter, tokenizer, calib: Calibration) -> dict[str, Tensor]:
     return out
 
 
-def load_or_fit(adapter, tokenizer, calib: Calibration, directory: Path | None = None) -> dict[str, Tensor]:
+def load_or_fit(model: ModelAccess, calib: Calibration, directory: Path | None = None) -> dict[str, Tensor]:
     """Cached codebooks of this model and settings; fitted (and cached) first when missing or corrupt."""
-    path = codebook_path(adapter.fingerprint(), calib, directory)
+    path = codebook_path(model.adapter.fingerprint(), calib, directory)
     books = load(path)
     if books is not None:
         return books
     log.warning("no CommVQ codebooks for this model (%s); fitting them on %d tokens of %s text "
              "(`slimkv calibrate commvq` does this ahead of time)", path.name, calib.tokens, TEXT)
-    books = fit(adapter, tokenizer, calib)
+    books = fit(model, calib)
     save(path, books)
     return books

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from ...cache import KVLayer, QuantizedLayer, QuantSpec
 from ...errors import ConfigError
+from ..base import ModelAccess
 from ..registry import register
 from .base import Quantizer
 
@@ -73,7 +74,6 @@ class KIVI(Quantizer):
             raise ConfigError(f"{self.name} wide_keys must be >= 0 layers, got {self.wide_keys}")
         if self.wide_keys and self.bits == 8:
             raise ConfigError(f"{self.name} keys are already 8-bit; wide_keys applies to 2- and 4-bit KIVI")
-        self._wide: tuple[str, frozenset[int]] | None = None  # (model fingerprint, layers with wide keys)
 
     @property
     def spec(self) -> QuantSpec:
@@ -84,32 +84,23 @@ class KIVI(Quantizer):
         wide = f", wide_keys={self.wide_keys}" if self.wide_keys else ""
         return f"group={self.group}, residual={self.residual}, sinks={self.sinks}, rotate={self.rotate}{wide}"
 
-    def bind(self, engine) -> None:
-        """Find (once per model, cached) the layers whose keys are stored wide."""
+    def bind(self, model: ModelAccess) -> frozenset[int]:
+        """The layers whose keys are stored wide (measured once per model, then read from the cache)."""
         if not self.wide_keys:
-            return
-        fingerprint = engine.adapter.fingerprint()
-        if self._wide is not None and self._wide[0] == fingerprint:
-            return
+            return frozenset()
         from .kivi_calibration import ensure_sensitivity
 
-        layers = ensure_sensitivity(engine, self.spec).most_sensitive(self.wide_keys)
-        self._wide = (fingerprint, frozenset(layers))
+        return frozenset(ensure_sensitivity(model, self.spec).most_sensitive(self.wide_keys))
 
-    @property
-    def wide_layers(self) -> frozenset[int]:
-        """Layers whose keys are stored at ``2 * bits`` (empty until bound to an engine)."""
-        return frozenset() if self._wide is None else self._wide[1]
-
-    def quantize(self, layer: KVLayer, layer_idx: int = 0) -> QuantizedLayer:
-        if self.wide_keys and self._wide is None:
+    def quantize(self, layer: KVLayer, layer_idx: int = 0, bound: frozenset[int] | None = None) -> QuantizedLayer:
+        """bound: the wide-key layers :meth:`bind` found (required when ``wide_keys``)."""
+        if self.wide_keys and bound is None:
             raise ConfigError(
-                f"{self.name} with wide_keys={self.wide_keys} needs the model's layer calibration: give the "
-                "compressor to an Engine (Engine(model, tokenizer, compressor)), call compressor.bind(engine) "
-                "first, or pass wide_keys=0"
+                f"{self.name} with wide_keys={self.wide_keys} needs the model's layer calibration: run it through "
+                "an Engine (which binds it), pass compressor.bind(model) along, or use wide_keys=0"
             )
         spec = self.spec
-        if layer_idx in self.wide_layers:
+        if bound and layer_idx in bound:
             spec = dataclasses.replace(spec, key_bits=2 * self.bits)
         return QuantizedLayer.from_layer(layer, spec)
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from ...cache import QuantizedLayer, QuantSpec
+from ...cache import QuantizedLayer, QuantSpec, SlimCache
 from ...errors import InputError
+from ..base import ModelAccess
 
 log = logging.getLogger(__name__)
 
@@ -98,43 +99,35 @@ def _probe_ids(tokenizer, text: str, probes: int, context: int, span: int) -> li
     return out
 
 
-def _copy_nll(engine, cache, copy: list[int]) -> float:
+def _copy_nll(model: ModelAccess, cache: SlimCache, copy: list[int]) -> float:
     """Teacher-force ``copy`` over ``cache`` (which it extends); mean NLL of its tokens after the first."""
-    from ...engine.forward import ForwardContext
-
-    device = engine.adapter.device
-    first = cache.seen[0]
-    positions = torch.arange(first, first + len(copy), device=device)[None]
-    ctx = ForwardContext(cache, positions, None, phase="prefill")
-    logits = engine.adapter.forward(torch.tensor([copy], device=device), positions, ctx, all_logits=True)
-    cache.seen[0] += len(copy)
+    logits = model.extend(cache, copy, all_logits=True)
     logp = logits[0, :-1].float().log_softmax(-1)  # [span - 1, vocab]
     target = torch.tensor(copy[1:], device=logp.device)[:, None]
     return float(-logp.gather(1, target).mean())
 
 
 @torch.inference_mode()
-def measure(engine, spec: QuantSpec, text: str = DEFAULT_TEXT, probes: int = DEFAULT_PROBES,
+def measure(model: ModelAccess, spec: QuantSpec, text: str = DEFAULT_TEXT, probes: int = DEFAULT_PROBES,
             context: int = DEFAULT_CONTEXT, span: int = DEFAULT_SPAN) -> Sensitivity:
-    """Key-quantization sensitivity of every layer of ``engine``'s model (see the module docstring)."""
-    adapter = engine.adapter
+    """Key-quantization sensitivity of every layer of ``model`` (see the module docstring)."""
+    adapter = model.adapter
     layers = adapter.spec.layers
     context = min(context, adapter.max_positions - span - 1)
     keys_only = QuantSpec(bits=8, key_bits=spec.kbits, group=spec.group, sinks=spec.sinks, rotate=spec.rotate)
     increase = [0.0] * layers
     base_total = 0.0
-    pairs = _probe_ids(engine.tokenizer, text, probes, context, span)
-    with adapter.attached():
-        for window, copy in pairs:
-            cache = engine.new_cache()
-            engine.prefill(cache, window)
+    pairs = _probe_ids(model.tokenizer, text, probes, context, span)
+    for window, copy in pairs:
+        cache = model.new_cache()
+        model.prefill(cache, window)
+        trial = cache.clone()
+        base = _copy_nll(model, trial, copy)
+        base_total += base
+        for i in range(layers):
             trial = cache.clone()
-            base = _copy_nll(engine, trial, copy)
-            base_total += base
-            for i in range(layers):
-                trial = cache.clone()
-                trial.layers[i] = QuantizedLayer.from_layer(cache.layers[i], keys_only)
-                increase[i] += _copy_nll(engine, trial, copy) - base
+            trial.layers[i] = QuantizedLayer.from_layer(cache.layers[i], keys_only)  # type: ignore[arg-type]
+            increase[i] += _copy_nll(model, trial, copy) - base
     n = len(pairs)
     return Sensitivity([x / n for x in increase], base_total / n, adapter.fingerprint(), setting_key(spec),
                        str(text), n)
@@ -177,15 +170,15 @@ def load(fingerprint: str, spec: QuantSpec, layers: int) -> Sensitivity | None:
     return result
 
 
-def ensure_sensitivity(engine, spec: QuantSpec) -> Sensitivity:
-    """The cached measurement for ``engine``'s model, measured (with the defaults) and cached if needed."""
-    adapter = engine.adapter
+def ensure_sensitivity(model: ModelAccess, spec: QuantSpec) -> Sensitivity:
+    """The cached measurement for ``model``, measured (with the defaults) and cached if needed."""
+    adapter = model.adapter
     found = load(adapter.fingerprint(), spec, adapter.spec.layers)
     if found is not None:
         return found
     log.info("kivi: measuring which layers' keys are most sensitive to %d-bit quantization on %d copies "
              "in %r (once per model; `slimkv calibrate kivi` redoes it)", spec.kbits, DEFAULT_PROBES, DEFAULT_TEXT)
-    result = measure(engine, spec)
+    result = measure(model, spec)
     path = save(result, spec)
     log.info("kivi: layer sensitivity cached at %s (most sensitive: %s)", path, result.most_sensitive(3))
     return result

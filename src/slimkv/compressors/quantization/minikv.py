@@ -22,12 +22,13 @@ leaderboard are ``scorer="snapkv"``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
-from ...cache import KVLayer
+from ...cache import CacheLayer, CacheSpec, KVLayer, StateKey
 from ...errors import ConfigError
-from ..base import Compressor, ScoreContext
+from ..base import Compressor, ModelAccess, ScoreContext
 from ..eviction.keydiff import KeyDiffCompressor
 from ..eviction.snapkv import SnapKVCompressor
 from ..registry import register
@@ -85,12 +86,8 @@ class MiniKV(Compressor):
                            wide_keys=self.wide_keys)
         self.spec = self._kivi.spec
 
-    def bind(self, engine) -> None:
-        self._kivi.bind(engine)
-
-    @property
-    def wide_layers(self) -> frozenset[int]:
-        return self._kivi.wide_layers
+    def bind(self, model: ModelAccess) -> frozenset[int]:
+        return self._kivi.bind(model)
 
     @property
     def compresses(self) -> bool:
@@ -100,17 +97,21 @@ class MiniKV(Compressor):
         return (f"{super().describe()[:-1]}, scorer={self.scorer}, beta={self.beta}, group={self.group}, residual={self.residual}, "
                 f"sinks={self.sinks}, rotate={self.rotate}, wide_keys={self.wide_keys})")
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
-                key_mass: Tensor | None) -> None:
-        if not getattr(layer, "quantized", False):
-            self._select.observe(layer, ctx, query, query_positions, key_mass)
+    def recorders(self, phase: str) -> list[Compressor]:
+        """The selector's records (SnapKV's window; keydiff records nothing)."""
+        select = self._select
+        return [select] if self.active(phase) and type(select).observe is not Compressor.observe else []
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return self._select.state_bytes(spec, q_heads, tokens)
+
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         return self._select.score(layer, ctx)
 
-    def compress(self, layer, ctx: ScoreContext):
-        if getattr(layer, "quantized", False) or not layer.initialized:
+    def compress(self, layer: CacheLayer, ctx: ScoreContext, merger: Any = None) -> CacheLayer:
+        if layer.quantized or not layer.initialized:
             return layer
         if self._select.compresses:  # ctx.keep is already this layer's budget (the pyramid schedule)
             self._select.compress(layer, ctx)
-        return self._kivi.quantize(layer, ctx.layer_idx)
+        assert isinstance(layer, KVLayer)
+        return self._kivi.quantize(layer, ctx.layer_idx, ctx.bound)

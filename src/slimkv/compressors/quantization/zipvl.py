@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ...cache import KVLayer, QuantizedLayer, QuantSpec
+from ...cache import CacheLayer, CacheSpec, QuantizedLayer, QuantSpec, StateKey
 from ...cache.mixed import MixedLayer
 from ...cache.packing import BITS
 from ...errors import ConfigError
-from ..base import ScoreContext
+from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor, window_attention
 from ..registry import register
+from ..state import QueryWindow
 from .base import Quantizer
 
 
@@ -92,20 +93,23 @@ class ZipVL(Quantizer):
         return QuantSpec(bits=bits, group=self.group, residual=self.residual if sinks else 0, sinks=sinks,
                          rotate=self.rotate)
 
-    def observe(self, layer: KVLayer, ctx: ScoreContext, query: Tensor, query_positions: Tensor,
-                key_mass: Tensor | None) -> None:
-        if not getattr(layer, "quantized", False):
-            self._votes.observe(layer, ctx, query, query_positions, key_mass)
+    def recorders(self, phase: str) -> list[Compressor]:
+        """SnapKV's observation window (shared with a SnapKV stage of the same window)."""
+        return [self._votes] if self.active(phase) else []
 
-    def score(self, layer: KVLayer, ctx: ScoreContext) -> Tensor:
+    def state_bytes(self, spec: CacheSpec, q_heads: int, tokens: int) -> int:
+        return self._votes.state_bytes(spec, q_heads, tokens)
+
+    def score(self, layer: CacheLayer, ctx: ScoreContext) -> Tensor:
         """Attention mass ``[B, H, L]`` of the window queries on every entry (mean over queries and group heads)."""
         keys, _, positions = layer.view()  # [B, H, L, D], [B, H, L]
-        probs, _ = window_attention(layer, keys, positions, self._votes.state)  # [B, H, G, w, L]
+        window = ctx.states.get(self._votes.state_key, QueryWindow)
+        probs, _ = window_attention(layer, keys, positions, window)  # [B, H, G, w, L]
         return probs.mean(dim=(2, 3))
 
-    def compress(self, layer, ctx: ScoreContext):
+    def compress(self, layer: CacheLayer, ctx: ScoreContext, merger: Compressor | None = None) -> CacheLayer:
         """The :class:`MixedLayer` replacing ``layer``: important entries at ``high_bits``, the rest low."""
-        if getattr(layer, "quantized", False) or not layer.initialized:
+        if layer.quantized or not layer.initialized:
             return layer
         if not layer.uniform:
             raise ValueError("zipvl needs every row of a layer to hold the same number of entries")
