@@ -43,3 +43,26 @@ def test_key_mass_and_output_match_dense_attention(monkeypatch, rows, cached):
     assert float(mass.sum()) == pytest.approx(q_heads * tokens, rel=1e-5)
     # the newest entry is seen only by the last query of each group member
     assert mass[0, :, -1].tolist() == pytest.approx(ref_mass[0, :, -1].tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_kernel_reads_a_batch_of_ragged_rows_like_attention(dtype):
+    """One call over several sequences' dense storage (capacity beyond their entries, heads of
+    different lengths) gives what attention over each row's own entries gives."""
+    from slimkv.cache import kernels
+
+    query = torch.randn(3, 6, 1, 16, dtype=dtype)  # 3 sequences, 2 KV heads of 3 query heads
+    if not kernels.dense_available(query, dtype, 3):
+        pytest.skip("no C compiler: the kernel is not built")
+    gen = torch.Generator().manual_seed(3)
+    lengths = [[5, 5], [40, 17], [1, 33]]
+    keys = [torch.randn(1, 2, 48, 16, generator=gen).to(dtype) for _ in lengths]  # capacity 48
+    values = [torch.randn(1, 2, 48, 16, generator=gen).to(dtype) for _ in lengths]
+    got = kernels.dense_decode(query, keys, values, [n for row in lengths for n in row], 0.3)
+    for b, row in enumerate(lengths):
+        for h, n in enumerate(row):
+            q = query[b, 3 * h : 3 * h + 3, 0].float()  # [G, D]
+            probs = (q @ keys[b][0, h, :n].float().T * 0.3).softmax(-1)
+            want = probs @ values[b][0, h, :n].float()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got[b, 3 * h : 3 * h + 3, 0].float(), want, rtol=tol, atol=tol)

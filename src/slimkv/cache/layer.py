@@ -65,8 +65,9 @@ class KVLayer(RowLayer):
 
     def nbytes(self) -> int:
         """Every byte this layer holds: keys, values, positions, lengths and per-entry state."""
-        tensors = [self.keys, self.values, self._pos, self.lengths, *self.entry_states.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)  # type: ignore[union-attr]
+        tensors = [self.keys, self.values, self._pos, *self.entry_states.values()]
+        lengths = 8 * len(self._rows)  # the int64 row counts
+        return lengths + sum(t.numel() * t.element_size() for t in tensors if t is not None)  # type: ignore[union-attr]
 
     def view(self) -> tuple[Tensor, Tensor, Tensor]:
         """Keys, values ``[B, H, L, D]`` and positions ``[B, H, L]`` of slots ``[0, max_length)``."""
@@ -83,8 +84,7 @@ class KVLayer(RowLayer):
         self.keys = like.new_empty(batch, heads, capacity, dim)
         self.values = like.new_empty(batch, heads, capacity, dim)
         self._pos = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=like.device)
-        self.lengths = torch.zeros(batch, heads, dtype=torch.int64, device=like.device)
-        self._set_rows([0] * (batch * heads))
+        self._init_rows(batch, heads, like.device)
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` slots per row (taken at the first append if not yet allocated)."""
@@ -168,8 +168,7 @@ class KVLayer(RowLayer):
         target = self._target(tokens, exact, cap)
         if target > self.capacity:
             self._resize(target)
-        assert self.keys is not None and self.values is not None
-        assert self._pos is not None and self.lengths is not None
+        assert self.keys is not None and self.values is not None and self._pos is not None
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens)
         if self._uniform:
             start = self._max_len
@@ -179,9 +178,10 @@ class KVLayer(RowLayer):
             for state in self.entry_states.values():
                 state[:, :, start : start + tokens] = 0.0  # type: ignore[index]
         else:
-            slots = self.lengths[..., None] + torch.arange(tokens, device=keys.device)  # [B, H, T]
+            lengths = self.lengths
+            assert lengths is not None
+            slots = lengths[..., None] + torch.arange(tokens, device=keys.device)  # [B, H, T]
             self._scatter(slots, keys, values, pos)
-        self.lengths += tokens
         self._add_rows(None, tokens)
 
     def replace(self, room: Room, keys: Tensor, values: Tensor, positions: Tensor, cap: int | None = None) -> None:
@@ -189,7 +189,6 @@ class KVLayer(RowLayer):
 
         keys, values: [batch, kv_heads, 1, head_dim]; positions: [batch, 1]
         """
-        assert self.lengths is not None
         full_rows = room.full_rows()
         if not any(full_rows):
             self.append(keys, values, positions, cap=cap)
@@ -199,12 +198,13 @@ class KVLayer(RowLayer):
             target = self._target(1, False, cap)
             if target > self.capacity:
                 self._resize(target)
-        full = room.full.to(self.lengths.device)
-        target_slots = torch.where(full, room.slots, self.lengths)[..., None]  # [B, H, 1]
+        lengths = self.lengths
+        assert lengths is not None
+        full = room.full.to(lengths.device)
+        target_slots = torch.where(full, room.slots, lengths)[..., None]  # [B, H, 1]
         batch, heads = full.shape
         pos = positions.to(torch.int32)[:, None, :].expand(batch, heads, 1)
         self._scatter(target_slots, keys, values, pos)
-        self.lengths += (~full).long()
         self._add_rows(grows, 1)
 
     def _scatter(self, slots: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> None:
@@ -224,20 +224,16 @@ class KVLayer(RowLayer):
         The new storage holds exactly ``k`` slots per row: the dropped bytes are really released.
         """
         assert self.keys is not None and self.values is not None and self._pos is not None
-        assert self.lengths is not None
         indices = indices.sort(dim=-1).values
         idx = indices[..., None].expand(*indices.shape, self.keys.shape[-1])
         self.keys = self.keys.gather(2, idx)
         self.values = self.values.gather(2, idx)
         self._pos = self._pos.gather(2, indices)
         self.entry_states = {k: v.gather(2, indices) for k, v in self.entry_states.items()}  # type: ignore[attr-defined]
-        k = indices.shape[-1]
         if lengths is None:
-            self.lengths = torch.full_like(self.lengths, k)
-            self._set_rows([k] * len(self._rows))
+            self._set_rows([indices.shape[-1]] * len(self._rows))
         else:
-            self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
-            self._rows_from_device()
+            self.lengths = lengths.to(self.keys.device, torch.int64).clone()
 
     def select_tail(self, lengths: Tensor, index: Tensor) -> None:
         """Keep, of the entries appended since a row held ``lengths`` entries, those at ``index``.
@@ -265,14 +261,15 @@ class KVLayer(RowLayer):
         """An independent copy holding exactly the valid slots (for compress-once, evaluate-many)."""
         out = KVLayer()
         out.scale = self.scale
-        out._set_rows(list(self._rows))
         if self.keys is None:
             out._reserved = self._reserved
             return out
         n = self._max_len
-        assert self.values is not None and self._pos is not None and self.lengths is not None
+        assert self.values is not None and self._pos is not None and self._shape is not None
+        out._init_rows(*self._shape, self.keys.device)
+        out._set_rows(list(self._rows))
         out.keys, out.values = self.keys[:, :, :n].clone(), self.values[:, :, :n].clone()
-        out._pos, out.lengths = self._pos[:, :, :n].clone(), self.lengths.clone()
+        out._pos = self._pos[:, :, :n].clone()
         out.entry_states = {k: v[:, :, :n].clone() for k, v in self.entry_states.items()}  # type: ignore[index]
         return out
 
@@ -291,9 +288,7 @@ class KVLayer(RowLayer):
         out._pos = positions.to(torch.int32).contiguous()
         batch, heads, length = positions.shape
         if lengths is None:
-            out.lengths = torch.full((batch, heads), length, dtype=torch.int64, device=keys.device)
-            out._set_rows([length] * (batch * heads))
+            out._init_rows(batch, heads, keys.device, length)
         else:
             out.lengths = lengths.to(keys.device, torch.int64).clone()
-            out._rows_from_device()
         return out

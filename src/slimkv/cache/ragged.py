@@ -132,7 +132,6 @@ class RaggedLayer(RowLayer):
         self.table = torch.where(used, ids, -1).to(torch.int32)
         self.lengths = lengths.to(torch.int64)
         self.entry_states = {k: PagedState(self, paged(v.float())) for k, v in states.items()}
-        self._rows_from_device()
 
     # ------------------------------------------------------------------ shape and size
     @property
@@ -151,9 +150,9 @@ class RaggedLayer(RowLayer):
 
     def nbytes(self) -> int:
         """Every byte: the page pool (keys, values, positions, state), the page table and lengths."""
-        tensors = [self.keys, self.values, self._pos, self.lengths, self.table]
+        tensors = [self.keys, self.values, self._pos, self.table]
         tensors += [s.pool for s in self.entry_states.values()]  # type: ignore[attr-defined]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return 8 * len(self._rows) + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _slot_index(self) -> Tensor:
         """``[B, H, max_length]`` flat pool index of every slot of the view (free slots: any page)."""
@@ -229,7 +228,6 @@ class RaggedLayer(RowLayer):
         slots = self.lengths[..., None] + torch.arange(tokens, device=keys.device)  # [B, H, T]
         self._grow_rows(self.lengths + tokens)
         self._write(slots, keys, values, positions.to(torch.int32)[:, None, :].expand(batch, heads, tokens))
-        self.lengths = self.lengths + tokens
         self._add_rows(None, tokens)
 
     def replace(self, room: Room, keys: Tensor, values: Tensor, positions: Tensor, cap: int | None = None) -> None:
@@ -241,7 +239,6 @@ class RaggedLayer(RowLayer):
         target = torch.where(full, room.slots, self.lengths)[..., None]  # [B, H, 1]
         batch, heads = full.shape
         self._write(target, keys, values, positions.to(torch.int32)[:, None, :].expand(batch, heads, 1))
-        self.lengths = grown
         self._add_rows([not f for f in room.full_rows()], 1)
 
     def _write(self, slots: Tensor, keys: Tensor, values: Tensor, pos: Tensor) -> None:

@@ -1,9 +1,10 @@
-"""What the dense and the paged layer share: rows of entries counted on the device and on the host.
+"""What the dense and the paged layer share: rows of entries counted on the host, mirrored on the device.
 
-Every row (one sequence's KV head) holds its entries in slots ``[0, length)``. The counts live in
-``lengths`` on the layer's device (masks and scatters read them there) and are mirrored on the host
-(``host_lengths``): the widest row, whether every row is full, and what a pass will allocate are
-read from the host mirror, so the per-layer work of a decode step never waits for the device.
+Every row (one sequence's KV head) holds its entries in slots ``[0, length)``. The counts live on
+the host (``host_lengths``): the widest row, whether every row is full, what a pass will allocate and
+what a decode kernel reads come from there, so the per-layer work of a decode step never waits for
+the device. ``lengths`` is their device copy, made when something reads it (masks, scatters) and
+dropped whenever the counts change.
 """
 
 from __future__ import annotations
@@ -22,12 +23,37 @@ class RowLayer(CacheLayer):
     """Base of :class:`~slimkv.cache.KVLayer` and :class:`~slimkv.cache.RaggedLayer` (row bookkeeping)."""
 
     def __init__(self) -> None:
-        self.lengths: Tensor | None = None  # [B, H] int64 on the layer's device
-        self._rows: list[int] = []  # the same counts on the host, row-major
+        self._rows: list[int] = []  # entries of every row, row-major: the truth
+        self._shape: tuple[int, int] | None = None  # (batch, kv_heads)
+        self._device: torch.device | None = None
+        self._lengths: Tensor | None = None  # device copy of ``_rows``, made on demand
         self._max_len = 0
         self._uniform = True
         self.scale = 1.0
         self.entry_states: dict[StateKey, object] = {}
+
+    @property
+    def lengths(self) -> Tensor | None:  # type: ignore[override]
+        """``[batch, kv_heads]`` int64 on the layer's device (a copy of the host counts)."""
+        if self._lengths is None and self._shape is not None:
+            self._lengths = torch.tensor(self._rows, dtype=torch.int64, device=self._device).view(self._shape)
+        return self._lengths
+
+    @lengths.setter
+    def lengths(self, value: Tensor | None) -> None:
+        """Counts computed on the device (``keep``, a rollback): mirrored on the host at once."""
+        if value is None:
+            self._shape, self._lengths = None, None
+            self._set_rows([])
+            return
+        value = value.to(torch.int64)
+        self._shape, self._device = (value.shape[0], value.shape[1]), value.device
+        self._set_rows([int(n) for n in value.flatten().tolist()])
+        self._lengths = value
+
+    def _init_rows(self, batch: int, heads: int, device: torch.device, length: int = 0) -> None:
+        self._shape, self._device = (batch, heads), device
+        self._set_rows([length] * (batch * heads))
 
     # ------------------------------------------------------------------ row counts
     @property
@@ -54,11 +80,7 @@ class RowLayer(CacheLayer):
         self._rows = rows
         self._max_len = max(rows, default=0)
         self._uniform = min(rows, default=0) == self._max_len
-
-    def _rows_from_device(self) -> None:
-        """Mirror ``lengths`` on the host (after an operation that computed them on the device)."""
-        assert self.lengths is not None
-        self._set_rows([int(n) for n in self.lengths.flatten().tolist()])
+        self._lengths = None
 
     def _add_rows(self, grown: list[bool] | None, tokens: int) -> None:
         """Host side of ``lengths += tokens`` (only where ``grown``, when given)."""
@@ -76,11 +98,9 @@ class RowLayer(CacheLayer):
         are then exactly the slots ``[lengths, current)``, and what remains is bit for bit the row as
         it was. Free slots stay allocated (``nbytes`` counts them) and later appends reuse them.
         """
-        assert self.lengths is not None
         rows = [int(n) for n in lengths.flatten().tolist()]
         if any(new > old for new, old in zip(rows, self._rows)):
             raise ValueError("truncate can only drop entries, not add them")
-        self.lengths = lengths.to(self.lengths.device, torch.int64).clone()
         self._set_rows(rows)
 
     # ------------------------------------------------------------------ per-entry state

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..cache import AttentionMeta, SlimCache
+from ..cache import AttentionMeta, KVLayer, SlimCache, kernels
 from ..compressors import Compressor, ScoreContext
 
 #: The bound data of a compressor for the model of the pass (``Bindings.get``).
@@ -114,27 +114,46 @@ class RowPass:
         return self._bounds[id(comp)]
 
     # ------------------------------------------------------------------ one layer
-    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
-               sliding_window: int | None, softcap: float | None) -> Tensor:
-        """query [1, Hq, T, D], key/value [1, H, T, D] -> output [1, Hq, T, D]."""
+    def write(self, layer_idx: int, key: Tensor, value: Tensor, scale: float) -> None:
+        """Put this pass's keys and values ``[1, H, T, D]`` into the row's layer (evicting if decoding at a budget)."""
         layer = self.cache.layers[layer_idx]
         layer.scale = scale
-        tokens = key.shape[2]
         comp = self.compressor
         room = cap = None
-        if comp is not None and self.phase == "decode" and tokens == 1 and comp.active("decode"):
+        if comp is not None and self.phase == "decode" and key.shape[2] == 1 and comp.active("decode"):
             cap = self._keep(comp, 1)[layer_idx]
             room = comp.make_room(layer, self.context(layer_idx, 1, comp), cap)
         if room is not None:
             layer.replace(room, key, value, self.positions, cap=cap)
         else:
             layer.append(key, value, self.positions, exact=self.phase == "prefill", cap=cap)
-        meta = AttentionMeta(self.positions, tokens, scale, sliding_window, softcap, self._key_mass, self.tree,
-                             self._mask_cache)
-        out, mass = layer.attend(query, meta)
-        if not layer.quantized:  # nothing is evicted from a quantized layer: nothing to watch
-            for recorder in self._watching:
-                recorder.observe(layer, self.context(layer_idx, tokens, recorder), query, self.positions, mass)
+
+    def fusable(self, layer_idx: int, softcap: float | None, sliding_window: int | None) -> bool:
+        """True when the batch's dense decode kernel can read this row's layer for this pass."""
+        return (type(self.cache.layers[layer_idx]) is KVLayer and self.tree is None and not self._key_mass
+                and softcap is None and sliding_window is None)
+
+    def read(self, layer_idx: int, query: Tensor, scale: float, sliding_window: int | None,
+             softcap: float | None) -> tuple[Tensor, Tensor | None]:
+        """Attention of this pass's queries ``[1, Hq, T, D]`` over the row's layer (after :meth:`write`)."""
+        meta = AttentionMeta(self.positions, query.shape[2], scale, sliding_window, softcap, self._key_mass,
+                             self.tree, self._mask_cache)
+        return self.cache.layers[layer_idx].attend(query, meta)
+
+    def record(self, layer_idx: int, query: Tensor, mass: Tensor | None) -> None:
+        """Let the row's recorders observe this pass (never on a quantized layer: nothing is evicted there)."""
+        layer = self.cache.layers[layer_idx]
+        if layer.quantized:
+            return
+        for recorder in self._watching:
+            recorder.observe(layer, self.context(layer_idx, query.shape[2], recorder), query, self.positions, mass)
+
+    def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
+               sliding_window: int | None, softcap: float | None) -> Tensor:
+        """write, read and record: query [1, Hq, T, D], key/value [1, H, T, D] -> output [1, Hq, T, D]."""
+        self.write(layer_idx, key, value, scale)
+        out, mass = self.read(layer_idx, query, scale, sliding_window, softcap)
+        self.record(layer_idx, query, mass)
         return out
 
     def compress(self) -> None:
@@ -152,7 +171,11 @@ class RowPass:
 
 
 class BatchPass:
-    """A forward pass over several rows (the attention sink ``models/adapter.py`` calls per layer)."""
+    """A forward pass over several rows (the attention sink ``models/adapter.py`` calls per layer).
+
+    Decoding (one token per row), the rows whose layer is dense are read by one kernel call for the
+    whole batch (``cache/kernels``); every other row attends on its own.
+    """
 
     def __init__(self, rows: list[RowPass]) -> None:
         if not rows:
@@ -162,9 +185,30 @@ class BatchPass:
     def attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scale: float,
                sliding_window: int | None, softcap: float | None) -> Tensor:
         """query [B, Hq, T, D], key/value [B, H, T, D] -> output [B, T, Hq, D]."""
-        if len(self.rows) == 1:
-            out = self.rows[0].attend(layer_idx, query, key, value, scale, sliding_window, softcap)
-        else:
-            out = torch.cat([row.attend(layer_idx, query[b : b + 1], key[b : b + 1], value[b : b + 1], scale,
-                                        sliding_window, softcap) for b, row in enumerate(self.rows)])
+        rows = self.rows
+        if query.shape[2] != 1 or not kernels.dense_available(query, key.dtype, query.shape[1] // key.shape[1]):
+            if len(rows) == 1:
+                return rows[0].attend(layer_idx, query, key, value, scale, sliding_window, softcap).transpose(1, 2)
+            return torch.cat([row.attend(layer_idx, query[b : b + 1], key[b : b + 1], value[b : b + 1], scale,
+                                         sliding_window, softcap) for b, row in enumerate(rows)]).transpose(1, 2)
+        for b, row in enumerate(rows):
+            row.write(layer_idx, key[b : b + 1], value[b : b + 1], scale)
+        fused = [b for b, row in enumerate(rows) if row.fusable(layer_idx, softcap, sliding_window)]
+        out = query.new_empty(query.shape)
+        if fused:
+            layers = [rows[b].cache.layers[layer_idx] for b in fused]
+            lengths = [n for layer in layers for n in layer.host_lengths()]
+            read = kernels.dense_decode(query if len(fused) == len(rows) else query[fused],
+                                        [layer.keys for layer in layers], [layer.values for layer in layers],  # type: ignore[attr-defined]
+                                        lengths, scale)
+            if len(fused) == len(rows):
+                out = read
+            else:
+                out[fused] = read
+        done = set(fused)
+        for b, row in enumerate(rows):
+            mass = None
+            if b not in done:
+                out[b : b + 1], mass = row.read(layer_idx, query[b : b + 1], scale, sliding_window, softcap)
+            row.record(layer_idx, query[b : b + 1], mass)
         return out.transpose(1, 2)

@@ -1,6 +1,11 @@
-"""A fused CPU kernel for decoding over a quantized layer: attention straight from packed codes.
+"""Fused CPU kernels for decoding: over a quantized layer straight from packed codes, and over the
+dense caches of a whole batch in one call.
 
-Dequantizing a layer in PyTorch costs several passes over float copies of the keys and values, which
+Dense (``dense_attend.c``): a running batch holds one cache per sequence; :func:`dense_decode`
+reads every row's dense layer in one call (one task per row and KV head), so a batch costs one
+pass over its KV instead of one attention call per row.
+
+Quantized (``quant_attend.c``): dequantizing a layer in PyTorch costs several passes over float copies of the keys and values, which
 at 8k tokens is slower than reading the full-precision cache. ``quant_attend.c`` reads the packed
 codes once instead, folding the scales and zero points into the query (keys, per channel) and into
 the attention weights (values, per token)::
@@ -8,9 +13,10 @@ the attention weights (values, per token)::
     q . k_t = sum_d (q_d * scale_gd) * code_td + sum_d q_d * zero_gd        g: the key group of t
     sum_t p_t v_t = sum_t (p_t * scale_t) * code_t + sum_t p_t * zero_t      per value group
 
-Contract: :func:`available` says whether a call can use the kernel (float32 on the CPU, the library
-compiled); :func:`decode_attention` returns what ``attend_rows`` would for queries that see every
-entry (decoding, no sliding window bite, no softcap). The library is compiled with the system C
+Contract: :func:`available` / :func:`dense_available` say whether a call can use a kernel (the CPU,
+the library compiled; float32, or bfloat16 for dense storage); :func:`decode_attention` and
+:func:`dense_decode` return what ``attend_rows`` would for queries that see every entry (decoding, no
+sliding window bite, no softcap), up to float32 rounding. The library is compiled with the system C
 compiler on first use into ``~/.cache/slimkv/kernels`` (a file named by the hash of source, flags and
 machine); without a compiler the layer falls back to dequantizing in PyTorch (a logged warning).
 """
@@ -40,14 +46,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("quant_attend.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_attend.c", "dense_attend.c")]
 #: Compile flags. -ffast-math vectorizes the softmax's exp (glibc's libmvec) and the dot products'
 #: sums, about 20% faster; the kernel never relies on infinities or NaNs (its softmax starts from a
 #: real score). It is given to the compile step only: linking with it would add gcc's crtfastmath,
 #: which flushes denormals to zero for the whole process as the library loads.
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 LINK = ["-shared", "-fopenmp", "-lm"]
-MAX_HEAD_DIM = 1024  # the kernel's per-entry scratch row
+MAX_HEAD_DIM = 1024  # the kernels' per-entry scratch row
+MAX_GROUP = 64  # query heads per KV head the dense kernel handles
 
 _state: dict[str, object] = {"lib": None, "tried": False, "enabled": True}
 
@@ -70,25 +77,32 @@ def _compile() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: quantized layers are read by dequantizing in PyTorch (slower)")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     tag = hashlib.sha256(source + " ".join(FLAGS + LINK).encode() + _cpu().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"quant_attend-{tag}.so"
+    target = _cache_dir() / f"attend-{tag}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built, obj = Path(tmp) / target.name, Path(tmp) / "quant_attend.o"
-            proc = subprocess.run([compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True)
+            built = Path(tmp) / target.name
+            objects = [Path(tmp) / f"{path.stem}.o" for path in SOURCES]
+            for path, obj in zip(SOURCES, objects):
+                proc = subprocess.run([compiler, *FLAGS, "-c", str(path), "-o", str(obj)], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    break
             if proc.returncode == 0:
-                proc = subprocess.run([compiler, str(obj), *LINK, "-o", str(built)], capture_output=True, text=True)
+                proc = subprocess.run([compiler, *map(str, objects), *LINK, "-o", str(built)], capture_output=True,
+                                      text=True)
             if proc.returncode != 0:
-                log.warning("compiling the quantized attention kernel failed; using PyTorch instead:\n%s",
-                            proc.stderr[-2000:])
+                log.warning("compiling the attention kernels failed; using PyTorch instead:\n%s", proc.stderr[-2000:])
                 return None
             os.replace(built, target)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(str(target))
     lib.kivi_decode.argtypes = ([ctypes.c_int] * 11 + [ctypes.c_float] + [ctypes.c_void_p] * 10
                                 + [ctypes.c_int])
     lib.kivi_decode.restype = None
+    lib.dense_decode.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+    lib.dense_decode.restype = None
     return lib
 
 
@@ -156,3 +170,31 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
     if spec.rotate:
         out = unrotate(out)
     return out.view(batch, heads, q_heads // heads, tokens, dim).reshape(batch, q_heads, tokens, dim)
+
+
+def dense_available(query: Tensor, dtype: torch.dtype, groups: int) -> bool:
+    """Whether :func:`dense_decode` can read dense storage of ``dtype`` for ``query`` [B, Hq, 1, D]."""
+    return (bool(_state["enabled"]) and query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16)
+            and dtype in (torch.float32, torch.bfloat16) and query.shape[-1] <= MAX_HEAD_DIM
+            and groups <= MAX_GROUP and _lib() is not None)
+
+
+def dense_decode(query: Tensor, keys: list[Tensor], values: list[Tensor], lengths: list[int], scale: float) -> Tensor:
+    """One query token per row over each row's dense entries: ``[B, Hq, 1, D]`` -> ``[B, Hq, 1, D]``.
+
+    keys, values: per row the layer's storage ``[1, H, capacity, D]`` (contiguous, float32 or bfloat16,
+    all alike); lengths: entries of every (row, head), row-major (``B * H`` values): slots ``[0, n)``
+    """
+    lib = _lib()
+    assert lib is not None
+    batch, q_heads, _, dim = query.shape
+    heads = keys[0].shape[1]
+    q = query.reshape(batch, q_heads, dim).float().contiguous()
+    out = torch.empty_like(q)
+    kaddr = torch.tensor([_ptr(k) for k in keys], dtype=torch.int64)
+    vaddr = torch.tensor([_ptr(v) for v in values], dtype=torch.int64)
+    stride = torch.tensor([k.shape[2] * dim for k in keys], dtype=torch.int64)
+    length = torch.tensor(lengths, dtype=torch.int64)
+    lib.dense_decode(batch, heads, q_heads // heads, dim, int(keys[0].dtype == torch.bfloat16), scale, _ptr(q),
+                     _ptr(kaddr), _ptr(vaddr), _ptr(stride), _ptr(length), _ptr(out), torch.get_num_threads())
+    return out.to(query.dtype).view(batch, q_heads, 1, dim)
