@@ -17,8 +17,7 @@ from slimkv.cache.vq_codes import decode, encode, rope
 from slimkv.compressors.quantization import commvq_calibration as cal
 from slimkv.engine import Engine
 from slimkv.evals.haystacks import NOISE, load_haystack
-from slimkv.models import ModelAdapter, load_model
-from slimkv.models.rope import rope_frequencies
+from slimkv.models import load_model
 
 
 def main() -> None:
@@ -27,13 +26,12 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=2)
     args = p.parse_args()
     model, tok = load_model("smollm2-135m")
-    adapter = ModelAdapter(model)
-    books = cal.load_or_fit(adapter, tok, cal.Calibration(stages=14, tokens=args.tokens, iters=args.iters))
-    inv_freq = rope_frequencies(model)
+    engine = Engine(model, tok)
+    books = cal.load_or_fit(engine.runner, cal.Calibration(stages=14, tokens=args.tokens, iters=args.iters))
+    inv_freq = engine.adapter.rope_table()
     bible = tok.encode(load_haystack("bible")[: 12 * (args.tokens + 2048)], add_special_tokens=False)
     texts = {"calibration (in-sample)": bible[:1024], "later bible text": bible[args.tokens + 1000 : args.tokens + 2024],
              "noise haystack": tok.encode(NOISE * 120, add_special_tokens=False)[:1024]}
-    engine = Engine(model, tok)
     print("| text | stages | key error | value error |\n|---|---:|---:|---:|")
     for name, ids in texts.items():
         cache = engine.new_cache()

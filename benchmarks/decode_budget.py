@@ -67,7 +67,7 @@ def run(engine: Engine, prompt: list[int], name: str, budget: int, steps: int) -
             entries = max(layer.max_length for layer in cache.layers)
             per_head = max(int(layer.lengths.sum(-1).max()) for layer in cache.layers) / heads  # layer mean
             held = cache.stats().bytes_kept
-            state = sum(t.nbytes for layer in cache.layers for t in layer.extra.values())
+            state = sum(states.nbytes() for states in cache.states)  # per-layer compressor state
             peak_entries, peak_bytes = max(peak_entries, entries), max(peak_bytes, held)
             peak_mean = max(peak_mean, per_head)
             if step < steps // 2:

@@ -39,9 +39,7 @@ def measure(engine: Engine, tokenizer, length: int, ratios: list[float]) -> list
         engine.prefill(base, context, observers=observers)
         for (method, ratio), comp in comps.items():
             cache = base.clone()
-            engine.with_compressor(comp).compress(cache, "prefill")
-            for layer in cache.layers:
-                layer.extra.clear()  # observation state is not part of the compressed cache
+            engine.with_compressor(comp).compress(cache, "prefill")  # frees the observation state
             padded = sum(layer.to_dense().nbytes() if isinstance(layer, RaggedLayer) else layer.nbytes()
                          for layer in cache.layers)
             spread = [float(layer.lengths.max() / layer.lengths.min().clamp(min=1)) for layer in cache.layers]

@@ -23,7 +23,6 @@ import torch
 import slimkv
 from slimkv.cache import RaggedLayer
 from slimkv.engine import Engine, Segments
-from slimkv.engine.forward import ForwardContext
 from slimkv.evals.needle import needle_sample
 
 RESULTS = Path(__file__).parent / "results"
@@ -32,14 +31,13 @@ RESULTS = Path(__file__).parent / "results"
 def decode(engine: Engine, cache, last: torch.Tensor, steps: int) -> tuple[float, list[int]]:
     """Seconds for ``steps`` greedy tokens from a copy of ``cache``, and the tokens."""
     cache = cache.clone()
-    token, tokens = last.argmax(-1, keepdim=True), []
+    token, tokens = int(last.argmax(-1)), []
+    runner = engine.runner
     t0 = time.perf_counter()
     for _ in range(steps):
-        pos = torch.tensor([[cache.seen[0]]])
-        logits = engine.adapter.forward(token, pos, ForwardContext(cache, pos, None, phase="decode"))[:, -1]
-        cache.seen[0] += 1
-        token = logits.argmax(-1, keepdim=True)
-        tokens.append(int(token))
+        logits = runner.forward([runner.row(cache, [token], None, "decode")])[:, -1]
+        token = int(logits.argmax(-1))
+        tokens.append(token)
     return time.perf_counter() - t0, tokens
 
 

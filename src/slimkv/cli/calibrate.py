@@ -51,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
         if args.force:
             raise InputError(f"--force goes with commvq; {args.method} always measures again")
         run_method = _triattention if args.method == "triattention" else _kivi
-        out = run_method(args, *load_model(args.model, dtype=args.dtype))
+        out = run_method(args, *load_model(args.model, dtype=args.dtype, device=args.device))
     else:
         if args.text is not None:
             raise InputError("--text goes with triattention; commvq fits on the Bible haystack")
-        out = _commvq(args, *load_model(args.model, dtype=args.dtype))
+        out = _commvq(args, *load_model(args.model, dtype=args.dtype, device=args.device))
     if args.json:
         print(json.dumps(out))
     else:

@@ -17,6 +17,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"model: {DEFAULT_MODEL} (embedded, default), a local folder or .gguf file, or a hub id")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and KV dtype (default float32)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model and its KV cache run: cpu (default), cuda, cuda:1, ...")
 
 
 def add_compressor_options(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ def run_build(args: argparse.Namespace) -> int:
     texts = [read_text(f, "corpus file") for f in args.files]
     if not any(t.strip() for t in texts):
         raise InputError("the corpus files are empty; give some text to index")
-    _, tokenizer = load_model(args.model, dtype=args.dtype)
+    _, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
     docs = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     store = Datastore.build(docs, tokenizer_fingerprint(tokenizer))

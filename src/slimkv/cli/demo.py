@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     compressor = make_compressor(args.compressor, ratio=args.ratio)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     sample = needle_sample(tokenizer, args.tokens, depth=0.4, seed=7)
     request = Request(context=sample.context + sample.question)
     config = GenerationConfig(max_new_tokens=8, stop=("\n",))

@@ -24,7 +24,7 @@ def _engine(args: argparse.Namespace):
     from ..models import load_model
 
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     return Engine(model, tokenizer), tokenizer
 
 

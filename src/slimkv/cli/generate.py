@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         lossless=lossless,
     )
     stack = open_store(args.store) if args.store else None
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, compressor, prefill_chunk=args.prefill_chunk)
     if stack is not None:
         engine.use_store(stack, tenant=args.tenant)

@@ -181,8 +181,6 @@ class Engine:
         if config.lossless is not None:
             if self.store is not None:
                 raise ConfigError("lossless decoding does not reuse stored KV yet; use an engine without a store")
-            if prepared is not None:
-                raise ConfigError("a lossless request prefills its own full and draft views; give no prepared cache")
         if comp is not None:
             self.runner.bindings.bind(comp)
         seq = Sequence(next(self._ids), segments, config, comp, self.tokenizer, self.end_ids,
@@ -220,7 +218,8 @@ class Engine:
         """Decode from an already prefilled (and compressed) cache of ``segments``.
 
         logits: [1, vocab] of the prompt's last token. A compressor acting while decoding is the
-        engine's (``with_compressor``).
+        engine's (``with_compressor``). With ``config.lossless``, ``cache`` must be the *uncompressed*
+        prefill (observed by the compressor): it becomes the full view, and a compressed copy the draft view.
         """
         seq = self.submit(segments, config, prepared=(cache, logits))
         gen = Generation(self, [seq])

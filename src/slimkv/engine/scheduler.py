@@ -24,6 +24,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from ..cache import SlimCache
 from ..errors import InputError
 from .forward import keep_table
 from .pool import KVPool, SwapSpace
@@ -101,7 +102,7 @@ class Scheduler:
         else:
             base = peak_bytes(self.runner, seq.segments, seq.compressor, seq.config.lossless is not None)
         views = 2 if seq.config.lossless is not None else 1
-        return base + views * spec.dense_bytes(seq.budget + 32)
+        return base + views * spec.dense_bytes(seq.budget + 32, entry_states=2)
 
     def cancel(self, seq: Sequence) -> None:
         """Stop ``seq``: at the next step its compute stops and its KV returns to the pool."""
@@ -159,11 +160,18 @@ class Scheduler:
         while self.waiting and not self.parked and self.admitted < self.config.max_rows:
             seq = self.waiting[0]
             if seq.cache is not None:  # prepared elsewhere (the evaluation runner): ready to decode
-                need = seq.nbytes() + self._growth(seq)
+                need = seq.nbytes() * (2 if seq.config.lossless is not None else 1) + self._growth(seq)
                 if not self.pool.fits(need) and self._order:
                     return
                 self.waiting.popleft()
                 self._order.append(seq)
+                if seq.config.lossless is not None:  # the prepared cache is the full view; a compressed copy drafts
+                    full, seq.cache = seq.cache, None
+                    draft = full.clone()
+                    self.runner.compress(draft, seq.compressor, "prefill")
+                    for i in range(len(full.layers)):
+                        full.retain_states(i, ())
+                    self._start_lossless(seq, full, draft, question=0)
                 self.pool.lease(seq.id, seq.nbytes())
                 self._start_decoding(seq, touched)
                 continue
@@ -205,18 +213,23 @@ class Scheduler:
         self._reserved.pop(seq.id, None)
         seq.reuse = job.reuse
         if seq.config.lossless is not None:
-            from ..speculative.lossless import LosslessDecoder
-
             assert job.draft is not None
-            seq.lossless = LosslessDecoder(self.runner, seq.config.lossless, seq.compressor, job.cache, job.draft,
-                                           [*seq.segments.context, *seq.segments.question],
-                                           len(seq.segments.question), seq.budget)
+            self._start_lossless(seq, job.cache, job.draft, len(seq.segments.question))
         else:
             seq.cache = job.cache
         seq.logits = job.logits
         seq.job = None
         self.pool.lease(seq.id, seq.nbytes())
         self._start_decoding(seq, touched)
+
+    def _start_lossless(self, seq: Sequence, full: SlimCache, draft: SlimCache, question: int) -> None:
+        """Give a lossless request its decoder: ``full`` holds the whole prompt, ``draft`` its compressed
+        context (the last ``question`` prompt tokens are copied into it exactly)."""
+        from ..speculative.lossless import LosslessDecoder
+
+        assert seq.config.lossless is not None
+        seq.lossless = LosslessDecoder(self.runner, seq.config.lossless, seq.compressor, full, draft,
+                                       [*seq.segments.context, *seq.segments.question], question, seq.budget)
 
     def _start_decoding(self, seq: Sequence, touched: list[Sequence]) -> None:
         cache = seq.kv_cache()

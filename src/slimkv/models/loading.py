@@ -37,6 +37,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, devi
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
+    target = _device(device)
     path = Path(name_or_path).expanduser()
     try:
         if ALIASES.get(name_or_path) == "embedded":
@@ -60,9 +61,28 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, devi
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {name_or_path!r}: {exc}") from exc
     check_supported(model)
-    model = model.to(device).eval()
+    model = model.to(target).eval()
     log.info("loaded %s (%s, %s)", name_or_path, type(model).__name__, torch_dtype)
     return model, tokenizer
+
+
+def _device(name: str):
+    """A torch device that exists on this machine, or a :class:`ModelError` saying which ones do."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {name!r} asked for, but this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ModelError(f"device {name!r} asked for, but this machine has {count} CUDA device(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ModelError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
 
 
 def _looks_like_hub_id(name: str) -> bool:

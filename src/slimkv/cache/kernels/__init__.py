@@ -133,8 +133,10 @@ def compiled() -> bool:
 
 
 def available(query: Tensor, layer: QuantizedLayer) -> bool:
-    return (bool(_state["enabled"]) and query.device.type == "cpu" and query.dtype == torch.float32
-            and layer.dtype == torch.float32 and query.shape[-1] <= MAX_HEAD_DIM and _lib() is not None)
+    """Whether :func:`decode_attention` can read ``layer`` (float32 or bfloat16 models, on the CPU)."""
+    floats = (torch.float32, torch.bfloat16)
+    return (bool(_state["enabled"]) and query.device.type == "cpu" and query.dtype in floats
+            and layer.dtype in floats and query.shape[-1] <= MAX_HEAD_DIM and _lib() is not None)
 
 
 def _ptr(t: Tensor) -> int:
@@ -150,11 +152,11 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
     batch, q_heads, tokens, dim = query.shape
     heads = layer.k_codes.shape[1]
     rows = q_heads // heads * tokens
-    q = query.reshape(batch, heads, rows, dim)  # rows ordered (group member, token), as attend_rows
+    q = query.reshape(batch, heads, rows, dim).float()  # rows ordered (group member, token), as attend_rows
     # the full-precision entries (sinks, then the residual) are read as one block after the codes
     dense = [part.view()[:2] for part in (layer.sinks, layer.residual) if part is not None and part.max_length]
-    res_k = torch.cat([k for k, _ in dense], dim=2) if dense else q  # [B, H, r, D]
-    res_v = torch.cat([v for _, v in dense], dim=2) if dense else q  # (not read when r == 0)
+    res_k = torch.cat([k for k, _ in dense], dim=2).float() if dense else q  # [B, H, r, D]
+    res_v = torch.cat([v for _, v in dense], dim=2).float() if dense else q  # (not read when r == 0)
     extra = res_k.shape[2] if dense else 0
     if spec.rotate:  # codes hold K R and V R: rotate the query and the dense entries alike, un-rotate after
         q, res_k, res_v = rotate(q), rotate(res_k), rotate(res_v)
@@ -169,7 +171,7 @@ def decode_attention(query: Tensor, layer: QuantizedLayer, scale: float) -> Tens
                     torch.get_num_threads())
     if spec.rotate:
         out = unrotate(out)
-    return out.view(batch, heads, q_heads // heads, tokens, dim).reshape(batch, q_heads, tokens, dim)
+    return out.to(query.dtype).view(batch, heads, q_heads // heads, tokens, dim).reshape(batch, q_heads, tokens, dim)
 
 
 def dense_available(query: Tensor, dtype: torch.dtype, groups: int) -> bool:
