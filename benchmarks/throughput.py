@@ -87,7 +87,7 @@ def serve(engine: Engine, requests: list[tuple[float, list[int]]], new_tokens: i
             "ttft_p50_s": round(statistics.median(ttft), 2),
             "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 2),
             "peak_concurrent": peak_rows, "peak_kv_bytes": scheduler.pool.peak, "kv_budget": scheduler.pool.budget,
-            "preemptions": scheduler.preemptions,
+            "peak_prefill_bytes": scheduler.workspace.peak, "preemptions": scheduler.preemptions,
             "mean_kv_bytes_per_request": round(statistics.mean(r.cache_after_prefill.bytes_kept for r in results))}
 
 
@@ -119,18 +119,21 @@ def markdown(args, runs: dict, scaling: dict) -> str:
         "",
         f"{args.requests} requests, prompts of {args.min_tokens}-{args.max_tokens} tokens of real text (essays, "
         f"Bible, Shakespeare), {args.new_tokens} new tokens each, Poisson arrivals at {args.rate}/s; "
-        f"KV budget {args.kv_memory}; one process, configurations in turn.",
+        f"KV pool {args.kv_memory} (what decoding requests hold, after their compressor) plus one prefill "
+        "workspace (the request being prefilled, uncompressed); one process, configurations in turn. "
+        "Concurrent: requests decoding plus the one in the workspace.",
         "",
         "| configuration | output tok/s | vs full | TTFT p50 s | TTFT p95 s | peak concurrent | vs full "
-        "| peak KV MiB | KV MiB / request | parked |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak pool MiB | peak prefill MiB | KV MiB / request | parked |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         speed = r["output_tokens_per_s"] / none["output_tokens_per_s"] if none else float("nan")
         rows = r["peak_concurrent"] / none["peak_concurrent"] if none else float("nan")
         lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | {speed:.2f}x | {r['ttft_p50_s']:.1f} | "
                      f"{r['ttft_p95_s']:.1f} | {r['peak_concurrent']} | {rows:.2f}x | "
-                     f"{r['peak_kv_bytes'] / 2**20:.0f} | {r['mean_kv_bytes_per_request'] / 2**20:.1f} | "
+                     f"{r['peak_kv_bytes'] / 2**20:.0f} | {r['peak_prefill_bytes'] / 2**20:.0f} | "
+                     f"{r['mean_kv_bytes_per_request'] / 2**20:.1f} | "
                      f"{r['preemptions']} |")
     s = scaling
     lines += [

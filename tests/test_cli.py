@@ -70,7 +70,7 @@ def test_calibrate_triattention_records_what_it_used(capsys, monkeypatch, llama,
 
     from .conftest import ToyTokenizer
 
-    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None: (llama, ToyTokenizer()))
+    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None, device="cpu": (llama, ToyTokenizer()))
     monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
     code, out, _ = run(capsys, "calibrate", "triattention", "--tokens", "32", "--text", "noise", "--json")
     data = json.loads(out)
@@ -87,7 +87,7 @@ def test_calibrate_kivi_records_the_wide_key_layers(capsys, monkeypatch, llama, 
 
     from .conftest import ToyTokenizer
 
-    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None: (llama, ToyTokenizer()))
+    monkeypatch.setattr(slimkv.models, "load_model", lambda name, dtype=None, device="cpu": (llama, ToyTokenizer()))
     monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path)
     code, out, _ = run(capsys, "calibrate", "kivi", "--tokens", "96", "--json")
     data = json.loads(out)

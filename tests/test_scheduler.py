@@ -141,11 +141,44 @@ def test_a_small_pool_parks_requests_and_never_changes_a_token(llama):
     assert scheduler.swap.parked_bytes == 0  # every parked request came back
 
 
-def test_a_request_larger_than_the_pool_is_refused_at_once(llama):
-    engine = Engine(llama, ToyTokenizer(), kv_memory=10_000)
-    with pytest.raises(InputError, match="kv_memory"):
+def test_requests_that_could_never_run_are_refused_with_what_to_change(llama):
+    spec = Engine(llama, ToyTokenizer(), kv_memory=1 << 30).adapter.spec
+    small = spec.dense_bytes(100)  # a pool that holds 100 tokens
+    engine = Engine(llama, ToyTokenizer(), kv_memory=small)
+    with pytest.raises(InputError, match="kv_memory"):  # the full cache's size is known at once
         engine.submit(Segments(prompt_ids(100), []), GREEDY)
+    with pytest.raises(InputError, match="prefill_memory"):  # too long for the prefill workspace
+        Engine(llama, ToyTokenizer(), prefill_memory=small).submit(Segments(prompt_ids(200), []), GREEDY)
     assert not engine.scheduler.has_work()
+    # a compressor's size is known once it compressed: still too large, the request ends with the reason
+    seq = engine.submit(Segments(prompt_ids(300), []), GREEDY, make_compressor("snapkv", ratio=0.5))
+    run(engine, [seq])
+    assert isinstance(seq.error, InputError) and "kv_memory" in str(seq.error)
+    assert seq.finish_reason == "error" and engine.scheduler.workspace.used == 0
+    # compressed enough, the same prompt runs in the same pool
+    ok = engine.submit(Segments(prompt_ids(300), []), GENERATE_FEW, make_compressor("snapkv", budget=40))
+    run(engine, [ok])
+    assert len(ok.result().token_ids) == 4
+
+
+GENERATE_FEW = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+
+
+def test_the_prefill_workspace_holds_the_uncompressed_prompt_outside_the_pool(llama):
+    """A compressed request enters the pool when its compressed KV fits: the pool's budget bounds what
+    decoding requests hold, the workspace what the one prefilling request holds."""
+    spec = Engine(llama, ToyTokenizer(), kv_memory=1 << 30).adapter.spec
+    engine = Engine(llama, ToyTokenizer(), kv_memory=spec.dense_bytes(180), prefill_memory=spec.dense_bytes(500) * 2)
+    comp = make_compressor("snapkv", budget=32)
+    seqs = [engine.submit(Segments(prompt_ids(400, seed=i), []), GREEDY, comp) for i in range(3)]
+    peak_running = 0
+    while not all(s.finished for s in seqs):
+        engine.step()
+        peak_running = max(peak_running, len(engine.scheduler.running))
+        assert engine.scheduler.workspace_bytes() <= engine.scheduler.workspace.budget
+    assert peak_running == 3  # three 400-token prompts in a pool of 180 tokens: each holds 32 (+12)
+    assert engine.scheduler.pool.peak <= engine.scheduler.pool.budget
+    assert engine.scheduler.workspace.peak >= spec.dense_bytes(400)
 
 
 def test_decode_growth_slack_is_a_small_block(llama):

@@ -54,8 +54,10 @@ class Engine:
     compressor: the default method of requests that name none (None = full cache)
     prefill_chunk: prompt tokens per forward pass when a prompt is prefilled alone
     store: reuse stored KV of prompt prefixes and compressed contexts (``engine/reuse.py``)
-    kv_memory: bytes of KV the running requests may hold together (default: a share of the memory
-               available now, ``engine/pool.py``)
+    kv_memory: bytes of KV the decoding requests may hold together, after their compressors (default: a
+               share of the memory available now, ``engine/pool.py``)
+    prefill_memory: bytes the request being prefilled may hold (its uncompressed prompt; default: twice
+               the longest prompt the model takes, enough for a lossless request's two views)
     max_rows: requests admitted at once
     step_tokens: prompt tokens prefilled per step while other requests decode
     swap_dir: where preempted requests' KV waits (default: a temporary directory)
@@ -63,7 +65,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, compressor: Compressor | None = None,
                  prefill_chunk: int = 4096, store: PrefixStore | None = None, kv_memory: int | None = None,
-                 max_rows: int = 64, step_tokens: int = 512, swap_dir: str | None = None) -> None:
+                 prefill_memory: int | None = None, max_rows: int = 64, step_tokens: int = 512,
+                 swap_dir: str | None = None) -> None:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.adapter = ModelAdapter(model)
@@ -72,8 +75,10 @@ class Engine:
         self.end_ids = end_token_ids(tokenizer, model)
         self.runner = ModelRunner(self.adapter, tokenizer, prefill_chunk)
         budget = kv_memory if kv_memory is not None else default_budget(self.adapter.device)
-        self.scheduler = Scheduler(self.runner, SchedulerConfig(budget, max_rows, prefill_chunk, step_tokens,
-                                                                swap_dir), store)
+        if prefill_memory is None:
+            prefill_memory = 2 * self.adapter.spec.dense_bytes(self.adapter.max_positions, entry_states=2)
+        self.scheduler = Scheduler(self.runner, SchedulerConfig(budget, prefill_memory, max_rows, prefill_chunk,
+                                                                step_tokens, swap_dir), store)
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ settings

@@ -63,6 +63,7 @@ class PrefillJob:
         self.logits: Tensor | None = None
         self.reuse: ReuseStats | None = ReuseStats() if self.store is not None else None
         self.work_s = 0.0  # seconds spent in this request's prefill
+        self.held_peak = 0  # most bytes its caches held (measured before compression)
         self.done = False
         self._started = False
         self._context = 0  # context tokens in the cache
@@ -140,6 +141,7 @@ class PrefillJob:
     def _finish_context(self) -> None:
         """Store the new uncompressed chunks, then compress (a copy, for lossless) and store that."""
         self._compressed = True
+        self.held_peak = max(self.held_peak, self.cache.nbytes())
         store, comp, segments = self.store, self.compressor, self.segments
         if store is not None:
             assert self.reuse is not None
@@ -164,6 +166,7 @@ class PrefillJob:
 
     def _finish_question(self) -> None:
         self.done = True
+        self.held_peak = max(self.held_peak, self.cache.nbytes() + (0 if self.draft is None else self.draft.nbytes()))
         comp = self.compressor
         if self.segments.question and self.reuse is not None:
             self.reuse.miss_tokens += len(self.segments.question)

@@ -1,19 +1,28 @@
 """The scheduler: a waiting queue, the running rows, and one step of work at a time over one KV pool.
 
+Memory has two parts, each a byte budget checked after every step:
+
+- the **KV pool** (``kv_memory``) holds what decoding requests hold: their caches after their
+  compressor, and their growth. A request enters it when its KV *after compression* fits;
+- the **prefill workspace** (``prefill_memory``) holds the one request being prefilled: a method
+  like SnapKV must see the whole prompt before it can compress it, so the uncompressed prompt
+  (and, for a lossless request, its compressed copy) lives there until it moves into the pool.
+
 Each :meth:`Scheduler.step`, in order:
 
-1. drops cancelled requests (their KV returns to the pool at once);
-2. resumes parked requests whose KV fits again (they go before new ones);
-3. admits waiting requests, first come first served, while their prefill's peak bytes fit the pool
-   (a request whose KV could never fit, even alone, is refused when it is submitted);
-4. advances the request being prefilled by one bounded chunk (``step_tokens`` while others decode,
-   ``prefill_chunk`` when nothing does), so running streams never stall for a whole long prefill;
-5. makes room for this step's decode growth: while it does not fit, the most recently admitted
-   request is parked (its KV is written to the swap space and read back unchanged later);
-6. decodes: one token for every plain running row in one batched forward pass (each row with its
+1. drops cancelled requests (their KV is freed at once);
+2. resumes parked requests whose KV fits the pool again (they go before new ones);
+3. moves the prefilled request from the workspace into the pool when its compressed KV fits;
+4. admits waiting requests: a prepared cache straight into the pool, otherwise the first waiting
+   request into the workspace (first come, first served; one at a time);
+5. advances that prefill by one bounded chunk (``step_tokens`` while others decode,
+   ``prefill_chunk`` when nothing does), so running streams never stall for a whole long prompt;
+6. makes room for this step's decode growth: while it does not fit the pool, the most recently
+   admitted request is parked (its KV is written to the swap space and read back unchanged later);
+7. decodes: one token for every plain running row in one batched forward pass (each row with its
    own cache, compressor and sampler), one draft-and-verify round for every lossless row;
-7. releases finished rows (EOS, stop string, length, cancelled): their compute stops and their bytes
-   return to the pool in the same step; then checks the pool against the bytes measured.
+8. releases finished rows (EOS, stop string, length, cancelled): their compute stops and their bytes
+   return in the same step; then checks both budgets against the bytes measured.
 
 It returns the sequences that produced text or finished, whose pieces the caller streams.
 """
@@ -40,7 +49,8 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     """How the scheduler shares the machine between requests.
 
-    kv_memory: bytes of KV the admitted requests may hold together (the pool's budget)
+    kv_memory: bytes the decoding requests' KV may hold together (the pool)
+    prefill_memory: bytes the request being prefilled may hold (its uncompressed prompt)
     max_rows: requests admitted at once (prefilling, decoding and parked together)
     prefill_chunk: prompt tokens per forward pass while nothing decodes
     step_tokens: prompt tokens prefilled per step while requests decode (bounds their stall)
@@ -48,6 +58,7 @@ class SchedulerConfig:
     """
 
     kv_memory: int
+    prefill_memory: int
     max_rows: int = 64
     prefill_chunk: int = 4096
     step_tokens: int = 512
@@ -67,45 +78,56 @@ class Scheduler:
         self.config = config
         self.store = store
         self.pool = KVPool(config.kv_memory)
+        self.workspace = KVPool(config.prefill_memory)
         self.swap = SwapSpace(config.swap_dir)
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: Sequence | None = None  # in the workspace: being prefilled, or waiting for the pool
         self.running: list[Sequence] = []
         self.parked: deque[Sequence] = deque()
-        self._order: list[Sequence] = []  # admitted requests, oldest first (preemption takes the newest)
-        self._reserved: dict[int, int] = {}  # bytes reserved ahead of work (a prefill's peak)
+        self._pooled: list[Sequence] = []  # requests in the pool (running or parked), oldest first
+        self._parked_bytes: dict[int, int] = {}  # what a parked request held
         self.steps = 0
         self.preemptions = 0
 
     # ------------------------------------------------------------------ requests
     def add(self, seq: Sequence) -> None:
-        """Queue a request; refused at once if its KV could not fit the pool even alone."""
+        """Queue a request; refused at once if it could never run (see :meth:`check`)."""
         self.check(seq)
         self.waiting.append(seq)
 
     def check(self, seq: Sequence) -> None:
-        """Raise :class:`InputError` if ``seq``'s KV could not fit the pool even alone (changes nothing)."""
-        need = self._alone_bytes(seq)
-        if need > self.pool.budget:
-            raise InputError(
-                f"this request may need {need / 2**20:.1f} MiB of KV (its prompt of {seq.segments.total} tokens "
-                f"uncompressed, plus {seq.budget} new tokens), more than the whole KV pool "
-                f"({self.pool.budget / 2**20:.1f} MiB); raise the pool (kv_memory / --kv-memory), "
-                "shorten the prompt or lower max_new_tokens"
-            )
-
-    def _alone_bytes(self, seq: Sequence) -> int:
-        """Most KV bytes ``seq`` can hold running alone: its prefill's peak, then every new token uncompressed."""
-        spec = self.runner.adapter.spec
+        """Raise :class:`InputError` if ``seq`` could never run, even alone (changes nothing)."""
+        mib = 2**20
         if seq.cache is not None:
-            base = seq.cache.nbytes()
+            held = seq.cache.nbytes()
         else:
-            base = peak_bytes(self.runner, seq.segments, seq.compressor, seq.config.lossless is not None)
+            need = peak_bytes(self.runner, seq.segments, seq.compressor, seq.config.lossless is not None)
+            if need > self.workspace.budget:
+                raise InputError(
+                    f"prefilling this prompt of {seq.segments.total} tokens needs {need / mib:.1f} MiB, more "
+                    f"than the prefill workspace ({self.workspace.budget / mib:.1f} MiB); raise prefill_memory "
+                    "(--prefill-memory) or shorten the prompt"
+                )
+            # a compressor's size is known after the prefill (checked then); without one it is the prompt's
+            compresses = seq.compressor is not None and seq.compressor.compresses
+            held = 0 if compresses else self.runner.adapter.spec.dense_bytes(seq.segments.total)
+        if self._alone_bytes(seq, held) > self.pool.budget:
+            raise InputError(self._too_big(seq, self._alone_bytes(seq, held)))
+
+    def _alone_bytes(self, seq: Sequence, held: int) -> int:
+        """Most KV bytes ``seq`` holds decoding alone: what it holds now, then every new token uncompressed."""
         views = 2 if seq.config.lossless is not None else 1
-        return base + views * spec.dense_bytes(seq.budget + 32, entry_states=2)
+        return held + views * self.runner.adapter.spec.dense_bytes(seq.budget + 32, entry_states=2)
+
+    def _too_big(self, seq: Sequence, need: int) -> str:
+        mib = 2**20
+        return (f"this request needs up to {need / mib:.1f} MiB of KV while decoding ({seq.segments.total} prompt "
+                f"tokens after its compressor, plus {seq.budget} new tokens), more than the whole KV pool "
+                f"({self.pool.budget / mib:.1f} MiB); raise kv_memory (--kv-memory), use a smaller compressor "
+                "ratio, or lower max_new_tokens")
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop ``seq``: at the next step its compute stops and its KV returns to the pool."""
+        """Stop ``seq``: at the next step its compute stops and its KV is freed."""
         seq.cancelled = True
 
     def has_work(self) -> bool:
@@ -113,11 +135,15 @@ class Scheduler:
 
     @property
     def admitted(self) -> int:
-        return len(self._order)
+        return len(self._pooled) + (self.prefilling is not None)
 
     def measured_bytes(self) -> int:
-        """Bytes the admitted requests hold now (their caches and compressor state, measured)."""
-        return sum(seq.nbytes() for seq in self._order if seq.status is not Status.PARKED)
+        """Bytes the requests in the pool hold now (their caches and compressor state, measured)."""
+        return sum(seq.nbytes() for seq in self.running)
+
+    def workspace_bytes(self) -> int:
+        """Bytes the request in the prefill workspace holds now."""
+        return 0 if self.prefilling is None else self.prefilling.nbytes()
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[Sequence]:
@@ -127,8 +153,10 @@ class Scheduler:
         with self.runner.adapter.attached():
             self._drop_cancelled(touched)
             self._resume()
+            self._join(touched)
             self._admit(touched)
             self._prefill(touched)
+            self._join(touched)
             self._make_room()
             self._decode(touched)
         self._release(touched)
@@ -136,7 +164,7 @@ class Scheduler:
         return touched
 
     def _drop_cancelled(self, touched: list[Sequence]) -> None:
-        for seq in [*self.waiting, *self._order]:
+        for seq in [*self.waiting, *self._pooled, *([self.prefilling] if self.prefilling else [])]:
             if seq.cancelled and not seq.finished:
                 seq.finish("cancelled")
                 touched.append(seq)
@@ -145,26 +173,22 @@ class Scheduler:
     def _resume(self) -> None:
         while self.parked:
             seq = self.parked[0]
-            if not self.pool.fits(self._reserved.get(seq.id, 0) + self._growth(seq)):
+            if not self.pool.fits(self._parked_bytes[seq.id] + self._growth(seq)):
                 return
             self.parked.popleft()
-            self._attach(seq, self.swap.unpark(seq.id))
-            seq.status = Status.PREFILLING if seq.job is not None and not seq.job.done else Status.RUNNING
-            if seq.status is Status.PREFILLING:
-                self.prefilling = seq
-            else:
-                self.running.append(seq)
-            self.pool.lease(seq.id, max(self._reserved.get(seq.id, 0), seq.nbytes()))
+            seq.attach_kv(self.swap.unpark(seq.id))
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self.pool.lease(seq.id, self._parked_bytes.pop(seq.id))
 
     def _admit(self, touched: list[Sequence]) -> None:
         while self.waiting and not self.parked and self.admitted < self.config.max_rows:
             seq = self.waiting[0]
             if seq.cache is not None:  # prepared elsewhere (the evaluation runner): ready to decode
-                need = seq.nbytes() * (2 if seq.config.lossless is not None else 1) + self._growth(seq)
-                if not self.pool.fits(need) and self._order:
+                views = 2 if seq.config.lossless is not None else 1
+                if not self.pool.fits(seq.nbytes() * views + self._growth(seq)) and self.running:
                     return
                 self.waiting.popleft()
-                self._order.append(seq)
                 if seq.config.lossless is not None:  # the prepared cache is the full view; a compressed copy drafts
                     full, seq.cache = seq.cache, None
                     draft = full.clone()
@@ -172,45 +196,46 @@ class Scheduler:
                     for i in range(len(full.layers)):
                         full.retain_states(i, ())
                     self._start_lossless(seq, full, draft, question=0)
-                self.pool.lease(seq.id, seq.nbytes())
-                self._start_decoding(seq, touched)
+                self._enter_pool(seq, touched)
                 continue
             if self.prefilling is not None:
                 return
             job = PrefillJob(self.runner, seq.segments, seq.compressor, self.store,
                              lossless=seq.config.lossless is not None, progress=seq.progress)
-            need = job.peak_bytes()
-            if not self.pool.fits(need) and self._order:
-                return
             self.waiting.popleft()
             seq.job = job
             seq.status = Status.PREFILLING
             self.prefilling = seq
-            self._order.append(seq)
-            self._reserved[seq.id] = need
-            self.pool.lease(seq.id, need)
+            self.workspace.lease(seq.id, job.peak_bytes())
 
     def _prefill(self, touched: list[Sequence]) -> None:
         seq = self.prefilling
-        if seq is None:
+        if seq is None or seq.job is None or seq.job.done:
             return
-        job = seq.job
-        assert job is not None
         tokens = self.config.step_tokens if self.running else self.config.prefill_chunk
         try:
-            job.advance(tokens)
+            seq.job.advance(tokens)
         except Exception as exc:  # a failing compressor fails its request only
             log.exception("prefill of request %d failed", seq.id)
-            seq.error = exc
-            seq.finish("error")
-            touched.append(seq)
-            self.prefilling = None
+            self._fail(seq, exc, touched)
             return
-        seq.prefill_s = job.work_s
-        if not job.done:
+        seq.prefill_s = seq.job.work_s
+        self.workspace.check(seq.job.held_peak)  # the whole prompt before compression, measured
+
+    def _join(self, touched: list[Sequence]) -> None:
+        """Move the prefilled request from the workspace into the pool once its compressed KV fits."""
+        seq = self.prefilling
+        if seq is None or seq.job is None or not seq.job.done:
             return
+        job = seq.job
+        held = job.cache.nbytes() + (0 if job.draft is None else job.draft.nbytes())
+        if self._alone_bytes(seq, held) > self.pool.budget:
+            self._fail(seq, InputError(self._too_big(seq, self._alone_bytes(seq, held))), touched)
+            return
+        if not self.pool.fits(held + self._growth_of(job.cache, seq)) and self.running:
+            return  # waits in the workspace until decoding requests free the pool
         self.prefilling = None
-        self._reserved.pop(seq.id, None)
+        self.workspace.release(seq.id)
         seq.reuse = job.reuse
         if seq.config.lossless is not None:
             assert job.draft is not None
@@ -219,8 +244,15 @@ class Scheduler:
             seq.cache = job.cache
         seq.logits = job.logits
         seq.job = None
-        self.pool.lease(seq.id, seq.nbytes())
-        self._start_decoding(seq, touched)
+        self._enter_pool(seq, touched)
+
+    def _fail(self, seq: Sequence, exc: Exception, touched: list[Sequence]) -> None:
+        seq.error = exc
+        seq.finish("error")
+        touched.append(seq)
+        if seq is self.prefilling:
+            self.prefilling = None
+            self.workspace.release(seq.id)
 
     def _start_lossless(self, seq: Sequence, full: SlimCache, draft: SlimCache, question: int) -> None:
         """Give a lossless request its decoder: ``full`` holds the whole prompt, ``draft`` its compressed
@@ -231,11 +263,13 @@ class Scheduler:
         seq.lossless = LosslessDecoder(self.runner, seq.config.lossless, seq.compressor, full, draft,
                                        [*seq.segments.context, *seq.segments.question], question, seq.budget)
 
-    def _start_decoding(self, seq: Sequence, touched: list[Sequence]) -> None:
+    def _enter_pool(self, seq: Sequence, touched: list[Sequence]) -> None:
         cache = seq.kv_cache()
         seq.after_prefill = cache.stats() if cache is not None else None
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self._pooled.append(seq)
+        self.pool.lease(seq.id, seq.nbytes())
         if seq.remaining <= 0:
             seq.finish("length")
             touched.append(seq)
@@ -245,9 +279,9 @@ class Scheduler:
         """Bytes ``seq``'s next decode step may allocate at most."""
         if seq.lossless is not None:
             return seq.lossless.growth_bytes()
-        cache = seq.cache
-        if cache is None or seq.finished:
-            return 0
+        return 0 if seq.cache is None or seq.finished else self._growth_of(seq.cache, seq)
+
+    def _growth_of(self, cache: SlimCache, seq: Sequence) -> int:
         comp = seq.compressor
         caps = None
         if comp is not None and comp.active("decode"):
@@ -260,48 +294,21 @@ class Scheduler:
             need = sum(self._growth(seq) for seq in self.running)
             if self.pool.fits(need):
                 return
-            victims = [s for s in self._order if s.status in (Status.RUNNING, Status.PREFILLING) and not s.finished]
+            victims = [s for s in self._pooled if s.status is Status.RUNNING and not s.finished]
             if len(victims) <= 1:
                 log.warning("KV pool: one request alone needs more than the pool; decoding on")
                 return
             self._park(victims[-1])
 
     def _park(self, seq: Sequence) -> None:
-        self._reserved[seq.id] = max(self._reserved.get(seq.id, 0), self.pool.held(seq.id))
-        size = self.swap.park(seq.id, self._detach(seq))
+        self._parked_bytes[seq.id] = self.pool.held(seq.id)
+        size = self.swap.park(seq.id, seq.detach_kv())
         log.info("KV pool full: parked request %d (%.1f MiB written to swap)", seq.id, size / 2**20)
         self.pool.release(seq.id)
-        if seq is self.prefilling:
-            self.prefilling = None
-        else:
-            self.running.remove(seq)
+        self.running.remove(seq)
         seq.status = Status.PARKED
         self.parked.append(seq)
         self.preemptions += 1
-
-    @staticmethod
-    def _detach(seq: Sequence) -> dict:
-        """Take the sequence's KV objects out of it (to be written to the swap space)."""
-        if seq.job is not None and not seq.job.done:
-            state = {"cache": seq.job.cache, "draft": seq.job.draft}
-            seq.job.cache, seq.job.draft = None, None  # type: ignore[assignment]
-        elif seq.lossless is not None:
-            state = {"draft": seq.lossless.dual.draft, "full": seq.lossless.view.detach()}
-            seq.lossless.dual.draft = None  # type: ignore[assignment]
-        else:
-            state = {"cache": seq.cache}
-            seq.cache = None
-        return state
-
-    @staticmethod
-    def _attach(seq: Sequence, state: dict) -> None:
-        if seq.job is not None and not seq.job.done:
-            seq.job.cache, seq.job.draft = state["cache"], state["draft"]
-        elif seq.lossless is not None:
-            seq.lossless.dual.draft = state["draft"]
-            seq.lossless.view.attach(state["full"])
-        else:
-            seq.cache = state["cache"]
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, touched: list[Sequence]) -> None:
@@ -346,39 +353,36 @@ class Scheduler:
 
     # ------------------------------------------------------------------ bookkeeping
     def _release(self, touched: list[Sequence]) -> None:
-        done = [s for s in self._order if s.finished]
-        for seq in done:
-            if seq.result_ready:
-                continue
-            seq.close()
-            self.pool.release(seq.id)
-            self._reserved.pop(seq.id, None)
-            self.swap.drop(seq.id)
-            if seq not in touched:
-                touched.append(seq)
-        if done:
-            self._order = [s for s in self._order if not s.finished]
-            self.running = [s for s in self.running if not s.finished]
-            self.parked = deque(s for s in self.parked if not s.finished)
-            if self.prefilling is not None and self.prefilling.finished:
-                self.prefilling = None
-        for seq in touched:  # cancelled before admission
+        for seq in [*self._pooled, *touched]:
             if seq.finished and not seq.result_ready:
                 seq.close()
+                self.pool.release(seq.id)
+                self.swap.drop(seq.id)
+                self._parked_bytes.pop(seq.id, None)
+                if seq not in touched:
+                    touched.append(seq)
+        if self.prefilling is not None and self.prefilling.finished:
+            self.workspace.release(self.prefilling.id)
+            self.prefilling = None
+        self._pooled = [s for s in self._pooled if not s.finished]
+        self.running = [s for s in self.running if not s.finished]
+        self.parked = deque(s for s in self.parked if not s.finished)
 
     def _account(self) -> None:
         measured = 0
-        for seq in self._order:
-            if seq.status is Status.PARKED:
-                continue
+        for seq in self.running:
             held = seq.nbytes()
             measured += held
-            self.pool.lease(seq.id, max(held, self._reserved.get(seq.id, 0)))
+            self.pool.lease(seq.id, held)
         self.pool.check(measured)
+        if self.prefilling is not None:
+            held = self.prefilling.nbytes()
+            self.workspace.lease(self.prefilling.id, max(held, self.workspace.held(self.prefilling.id)))
+            self.workspace.check(held)
 
     def close(self) -> None:
         """Cancel everything and remove the swap space."""
-        for seq in [*self.waiting, *self._order]:
+        for seq in [*self.waiting, *self._pooled, *([self.prefilling] if self.prefilling else [])]:
             seq.cancelled = True
         if self.has_work():
             self.step()

@@ -99,7 +99,7 @@ class Sequence:
         """The cache the sequence reads (a lossless sequence's draft view)."""
         if self.lossless is not None:
             return self.lossless.draft
-        if self.job is not None and not self.job.done:
+        if self.job is not None:
             return self.job.cache
         return self.cache
 
@@ -107,9 +107,27 @@ class Sequence:
         """KV bytes the sequence holds now: its cache(s) and compressor state."""
         if self.lossless is not None:
             return self.lossless.nbytes()
-        if self.job is not None and not self.job.done:
+        if self.job is not None:  # in the prefill workspace
             return self.job.cache.nbytes() + (0 if self.job.draft is None else self.job.draft.nbytes())
         return 0 if self.cache is None else self.cache.nbytes()
+
+    def detach_kv(self) -> dict:
+        """Take the sequence's KV objects out of it (to be parked in the swap space)."""
+        if self.lossless is not None:
+            state = {"draft": self.lossless.dual.draft, "full": self.lossless.view.detach()}
+            self.lossless.dual.draft = None  # type: ignore[assignment]
+        else:
+            state = {"cache": self.cache}
+            self.cache = None
+        return state
+
+    def attach_kv(self, state: dict) -> None:
+        """Take back what :meth:`detach_kv` handed out."""
+        if self.lossless is not None:
+            self.lossless.dual.draft = state["draft"]
+            self.lossless.view.attach(state["full"])
+        else:
+            self.cache = state["cache"]
 
     # ------------------------------------------------------------------ tokens
     def accept(self, token: int) -> None:

@@ -149,7 +149,8 @@ class EngineLoop:
         sched = self.engine.scheduler
         return {"running": len(sched.running) + (1 if sched.prefilling is not None else 0),
                 "waiting": len(sched.waiting) + self._inbox.qsize(), "parked": len(sched.parked),
-                "kv_used": sched.pool.used, "kv_budget": sched.pool.budget, "preemptions": sched.preemptions}
+                "kv_used": sched.pool.used, "kv_budget": sched.pool.budget, "prefill_used": sched.workspace.used,
+                "preemptions": sched.preemptions}
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; finish those in flight (``drain``) or cancel them; join the thread."""
