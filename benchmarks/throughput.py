@@ -88,6 +88,7 @@ def serve(engine: Engine, requests: list[tuple[float, list[int]]], new_tokens: i
             "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 2),
             "peak_concurrent": peak_rows, "peak_kv_bytes": scheduler.pool.peak, "kv_budget": scheduler.pool.budget,
             "peak_prefill_bytes": scheduler.workspace.peak, "preemptions": scheduler.preemptions,
+            "scheduler": {k: round(v, 2) for k, v in vars(scheduler.stats).items()},
             "mean_kv_bytes_per_request": round(statistics.mean(r.cache_after_prefill.bytes_kept for r in results))}
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import attention
-from slimkv.cache.attention import attend_rows
+from slimkv.cache.attention import AttentionMeta, attend_rows
 
 
 def dense(query, keys, values, positions, query_positions, scale):

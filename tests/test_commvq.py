@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import KVLayer
-from slimkv.cache.attention import attend_rows
+from slimkv.cache.attention import AttentionMeta, attend_rows
 from slimkv.cache.vq import VQLayer
 from slimkv.cache.vq_codes import (
-    HALF, code_logits, decode, encode, fit_codebooks, pack_codes, rope, rotate_half, unpack_codes,
+    HALF,
+    code_logits,
+    decode,
+    encode,
+    fit_codebooks,
+    pack_codes,
+    rope,
+    rotate_half,
+    unpack_codes,
 )
 from slimkv.compressors import make_compressor
 from slimkv.compressors.quantization import commvq_calibration as cal

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 from slimkv.engine import Engine
 from slimkv.evals.report import aggregate, load_results, write_report
 from slimkv.evals.runner import EvalSample, MethodSpec, Runner

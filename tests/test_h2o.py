@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkv.cache.attention import AttentionMeta
 from slimkv.cache import KVLayer
-from slimkv.cache.attention import attend_rows
+from slimkv.cache.attention import AttentionMeta, attend_rows
 from slimkv.compressors import make_compressor
 from slimkv.compressors.eviction.h2o import sampled_mass
 from slimkv.engine import Engine, Segments

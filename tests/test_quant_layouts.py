@@ -7,17 +7,15 @@ import math
 import pytest
 import torch
 
-from slimkv.cache.attention import AttentionMeta
-from slimkv.cache import KVLayer, QuantizedLayer, QuantSpec
-from slimkv.cache.attention import attend_rows
+from slimkv.cache import KVLayer, LayerStates, QuantizedLayer, QuantSpec
+from slimkv.cache.attention import AttentionMeta, attend_rows
 from slimkv.cache.mixed import MixedLayer
 from slimkv.cache.rotation import rotate, rotation, unrotate
-from slimkv.compressors.eviction.snapkv import SnapKVCompressor
-from slimkv.compressors.state import QueryWindow
-from slimkv.cache import LayerStates
 from slimkv.compressors import make_compressor
 from slimkv.compressors.base import ScoreContext
+from slimkv.compressors.eviction.snapkv import SnapKVCompressor
 from slimkv.compressors.quantization.zipvl import important_count
+from slimkv.compressors.state import QueryWindow
 from slimkv.engine import Engine, GenerationConfig, Segments
 from slimkv.errors import ConfigError
 

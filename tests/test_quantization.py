@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from slimkv.cache import KVLayer, QuantizedLayer, QuantSpec
 from slimkv.cache.attention import AttentionMeta
-from slimkv.cache import CacheSpec, KVLayer, QuantizedLayer, QuantSpec, SlimCache
 from slimkv.cache.packing import pack, quantize, unpack
 from slimkv.cache.quantized import ROLLBACK_SLACK
 from slimkv.compressors import Pipeline, make_compressor

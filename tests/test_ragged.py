@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimkv.cache.attention import AttentionMeta
 from slimkv import compressors
-from slimkv.cache import CacheSpec, KVLayer, RaggedLayer, SlimCache
+from slimkv.cache import CacheSpec, KVLayer, LayerStates, RaggedLayer, Room, SlimCache, kernels
+from slimkv.cache.attention import AttentionMeta
 from slimkv.cache.ragged import BLOCK, PagedState
-from slimkv.cache import LayerStates, Room, kernels
-from slimkv.compressors.eviction.fastgen import FastGenState
 from slimkv.compressors import ScoreContext
 from slimkv.compressors.allocation import allocate_heads
+from slimkv.compressors.eviction.fastgen import FastGenState
 from slimkv.engine import Engine, Segments
 from slimkv.engine.prompts import punctuation_table
 from slimkv.errors import ConfigError

@@ -148,11 +148,10 @@ def _progress(total: int, desc: str):
 
 def run_task(args: argparse.Namespace) -> int:
     from ..compressors import make_compressor
+    from ..compressors.quantization.base import Quantizer
     from ..evals.report import aggregate
     from ..evals.runner import MethodSpec, Runner
     from ..evals.tasks import TASKS  # noqa: F401  (validates the task name via argparse choices)
-
-    from ..compressors.quantization.base import Quantizer
 
     ratio = args.ratio if args.ratio is not None or args.budget is not None else 0.5
     if args.ratio is None and isinstance(make_compressor(args.compressor), Quantizer):

@@ -7,8 +7,15 @@ import json
 import sys
 
 from ..errors import InputError
-from .common import (PrefillBar, add_compressor_options, add_model_options, build_compressor, human_bytes,
-                     open_store, read_text)
+from .common import (
+    PrefillBar,
+    add_compressor_options,
+    add_model_options,
+    build_compressor,
+    human_bytes,
+    open_store,
+    read_text,
+)
 
 
 def add_parser(sub) -> None:

@@ -2,8 +2,9 @@
 
 :class:`Engine` is the Python API. Requests are submitted with their own settings (compressor,
 sampling, stop strings, ``max_new_tokens``, lossless) and run together: the scheduler
-(``engine/scheduler.py``) admits them into one KV pool, prefills them in bounded chunks and decodes
-every running request in one batched forward pass per step. The calling styles are clients of that
+(``engine/scheduler.py``) prefills them one at a time in bounded chunks in a prefill workspace, admits
+them into one KV pool once their compressed KV fits, and decodes every running request in one batched
+forward pass per step. The calling styles are clients of that
 one core:
 
 - :meth:`Engine.generate` / :meth:`Engine.generate_batch` / :meth:`Engine.stream` step the

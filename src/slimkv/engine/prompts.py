@@ -4,8 +4,12 @@ the question (the context) and the part appended after compression (the question
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 _SPLIT = "\u2063slimkv-split\u2063"  # invisible separator, never in user text
 
@@ -75,7 +79,7 @@ def end_token_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def punctuation_table(tokenizer, vocab_size: int) -> "torch.Tensor":
+def punctuation_table(tokenizer, vocab_size: int) -> torch.Tensor:
     """``[vocab_size]`` bool: tokens whose text is only punctuation (FastGen's punctuation policy)."""
     import string
 

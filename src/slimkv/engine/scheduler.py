@@ -30,6 +30,7 @@ It returns the sequences that produced text or finished, whose pieces the caller
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -70,6 +71,23 @@ class SchedulerConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclass
+class SchedulerStats:
+    """Where the scheduler's time went (seconds) and how much it did, since it started.
+
+    steps: steps taken; prefill_s: prefill chunks; decode_s: decode passes and lossless rounds;
+    park_s: writing and reading parked requests; decoded: rows decoded, summed over steps
+    (``decoded / steps`` is the mean batch); preemptions: requests parked
+    """
+
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    park_s: float = 0.0
+    decoded: int = 0
+    preemptions: int = 0
+
+
 class Scheduler:
     """Requests from submission to their last token (see the module docstring)."""
 
@@ -86,8 +104,11 @@ class Scheduler:
         self.parked: deque[Sequence] = deque()
         self._pooled: list[Sequence] = []  # requests in the pool (running or parked), oldest first
         self._parked_bytes: dict[int, int] = {}  # what a parked request held
-        self.steps = 0
-        self.preemptions = 0
+        self.stats = SchedulerStats()
+
+    @property
+    def preemptions(self) -> int:
+        return self.stats.preemptions
 
     # ------------------------------------------------------------------ requests
     def add(self, seq: Sequence) -> None:
@@ -148,17 +169,26 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def step(self) -> list[Sequence]:
         """One step of work (see the module docstring); returns the sequences with news."""
-        self.steps += 1
+        stats = self.stats
+        stats.steps += 1
         touched: list[Sequence] = []
         with self.runner.adapter.attached():
             self._drop_cancelled(touched)
+            t0 = time.perf_counter()
             self._resume()
+            t1 = time.perf_counter()
             self._join(touched)
             self._admit(touched)
             self._prefill(touched)
             self._join(touched)
+            t2 = time.perf_counter()
             self._make_room()
+            t3 = time.perf_counter()
             self._decode(touched)
+            t4 = time.perf_counter()
+        stats.park_s += (t1 - t0) + (t3 - t2)
+        stats.prefill_s += t2 - t1
+        stats.decode_s += t4 - t3
         self._release(touched)
         self._account()
         return touched
@@ -308,7 +338,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = Status.PARKED
         self.parked.append(seq)
-        self.preemptions += 1
+        self.stats.preemptions += 1
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, touched: list[Sequence]) -> None:
@@ -326,6 +356,7 @@ class Scheduler:
                 assert seq.cache is not None
                 rows.append(self.runner.row(seq.cache, [token], seq.compressor, "decode"))
                 batch.append(seq)
+        self.stats.decoded += len(rows)
         if rows:
             logits = self.runner.forward(rows)[:, -1]  # [B, vocab]
             for i, seq in enumerate(batch):

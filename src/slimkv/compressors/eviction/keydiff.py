@@ -37,7 +37,6 @@ from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..registry import register
 
-
 HEADS = ("mean", "each")
 ROUNDS = 5  # k-means rounds: a fixed, small cost (a few [L, anchors] products per layer)
 

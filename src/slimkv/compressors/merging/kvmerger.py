@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...cache import CacheLayer, CacheSpec, StateKey
+from ...cache import CacheLayer, CacheSpec
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 from ..eviction.snapkv import SnapKVCompressor

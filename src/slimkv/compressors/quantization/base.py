@@ -11,13 +11,11 @@ first, then the quantizer, e.g. ``snapkv+kivi2``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from typing import Any
-
-from ...cache import CacheLayer, KVLayer, QuantizedLayer
+from ...cache import CacheLayer, KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ScoreContext
 

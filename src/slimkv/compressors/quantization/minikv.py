@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ...cache import CacheLayer, CacheSpec, KVLayer, StateKey
+from ...cache import CacheLayer, CacheSpec, KVLayer
 from ...errors import ConfigError
 from ..base import Compressor, ModelAccess, ScoreContext
 from ..eviction.keydiff import KeyDiffCompressor

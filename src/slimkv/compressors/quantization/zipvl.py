@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ...cache import CacheLayer, CacheSpec, QuantizedLayer, QuantSpec, StateKey
+from ...cache import CacheLayer, CacheSpec, QuantizedLayer, QuantSpec
 from ...cache.mixed import MixedLayer
 from ...cache.packing import BITS
 from ...errors import ConfigError
