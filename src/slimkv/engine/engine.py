@@ -164,21 +164,22 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request | Segments | str, config: GenerationConfig | None = None,
                compressor: Compressor | None = DEFAULT, prepared: tuple[SlimCache, torch.Tensor] | None = None,
-               progress: ProgressFn | None = None) -> Sequence:
+               progress: ProgressFn | None = None, tenant: str | None = None) -> Sequence:
         """Queue one request with its own settings; the scheduler runs it (see :meth:`step`).
 
         compressor: this request's method (default: the engine's); prepared: an already prefilled
-        (and compressed) cache of ``request`` and its last logits, to decode from
+        (and compressed) cache of ``request`` and its last logits, to decode from; tenant: the store
+        namespace its reused KV lives in (default: the store's own)
         Binding the compressor (its calibrations, once per model) happens here, before it queues.
         """
-        seq = self.make_sequence(request, config, compressor, prepared, progress)
+        seq = self.make_sequence(request, config, compressor, prepared, progress, tenant)
         self.scheduler.add(seq)
         return seq
 
     def make_sequence(self, request: Request | Segments | str, config: GenerationConfig | None = None,
                       compressor: Compressor | None = DEFAULT,
                       prepared: tuple[SlimCache, torch.Tensor] | None = None,
-                      progress: ProgressFn | None = None) -> Sequence:
+                      progress: ProgressFn | None = None, tenant: str | None = None) -> Sequence:
         """A checked, bound request ready to queue (what :meth:`submit` and the engine loop queue)."""
         config = config or GenerationConfig()
         comp = self.compressor if compressor is DEFAULT else compressor
@@ -189,8 +190,12 @@ class Engine:
                 raise ConfigError("lossless decoding does not reuse stored KV yet; use an engine without a store")
         if comp is not None:
             self.runner.bindings.bind(comp)
+        if tenant is not None:
+            from ..store.keys import check_namespace
+
+            check_namespace(tenant)
         seq = Sequence(next(self._ids), segments, config, comp, self.tokenizer, self.end_ids,
-                       self.adapter.max_positions, prepared, progress)
+                       self.adapter.max_positions, prepared, progress, tenant)
         self.scheduler.check(seq)
         return seq
 

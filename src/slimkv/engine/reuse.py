@@ -67,6 +67,10 @@ class PrefixStore:
     stack: TierStack
     spec: KeySpec
 
+    def for_tenant(self, tenant: str) -> PrefixStore:
+        """The same tiers with keys in ``tenant``'s namespace (no other tenant can hit, list or time them)."""
+        return PrefixStore(self.stack, dataclasses.replace(self.spec, tenant=tenant, shared_namespace=None))
+
     # ------------------------------------------------------------------ chunks of the raw prefix
     def load_prefix(self, cache: SlimCache, ids: list[int], stats: ReuseStats, whole: bool = False) -> int:
         """Append stored leading chunks of ``ids`` to the empty one-sequence ``cache``; tokens loaded.

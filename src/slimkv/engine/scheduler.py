@@ -230,7 +230,10 @@ class Scheduler:
                 continue
             if self.prefilling is not None:
                 return
-            job = PrefillJob(self.runner, seq.segments, seq.compressor, self.store,
+            store = self.store
+            if store is not None and seq.tenant is not None:
+                store = store.for_tenant(seq.tenant)
+            job = PrefillJob(self.runner, seq.segments, seq.compressor, store,
                              lossless=seq.config.lossless is not None, progress=seq.progress)
             self.waiting.popleft()
             seq.job = job

@@ -48,12 +48,15 @@ class Sequence:
     end_ids: tokens that end it (unless ``config.ignore_eos``); limit: the model's context length
     prepared: an already prefilled (and compressed) cache and its last logits [1, vocab]
     progress: called with (prompt tokens done, total) while prefilling
+    tenant: the store namespace of this request's reused KV (None: the engine's store as configured)
     """
 
     def __init__(self, seq_id: int, segments: Segments, config: GenerationConfig, compressor: Compressor | None,
                  tokenizer: object, end_ids: set[int], limit: int,
-                 prepared: tuple[SlimCache, Tensor] | None = None, progress: ProgressFn | None = None) -> None:
+                 prepared: tuple[SlimCache, Tensor] | None = None, progress: ProgressFn | None = None,
+                 tenant: str | None = None) -> None:
         self.id = seq_id
+        self.tenant = tenant
         self.segments = segments
         self.config = config
         self.compressor = compressor

@@ -33,6 +33,10 @@ class EngineClosed(SlimKVError):
     """The engine loop is stopping and takes no more requests."""
 
 
+class QueueFull(SlimKVError):
+    """As many requests wait as the loop allows (``max_queue``); try again later."""
+
+
 @dataclass(frozen=True)
 class Event:
     """One thing that happened to a request: a text ``piece``, its ``result``, or an ``error``."""
@@ -105,11 +109,16 @@ class RequestHandle:
 
 
 class EngineLoop:
-    """Runs ``engine``'s scheduler on a background thread (see the module docstring)."""
+    """Runs ``engine``'s scheduler on a background thread (see the module docstring).
 
-    def __init__(self, engine: Engine, idle_wait: float = 0.05) -> None:
+    max_queue: most requests waiting for admission (submitted, not yet prefilling); more raise
+               :class:`QueueFull` (None: no bound)
+    """
+
+    def __init__(self, engine: Engine, idle_wait: float = 0.05, max_queue: int | None = None) -> None:
         self.engine = engine
         self.idle_wait = idle_wait
+        self.max_queue = max_queue
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._handles: dict[int, RequestHandle] = {}
         self._accepting = True
@@ -120,21 +129,27 @@ class EngineLoop:
         self._thread.start()
 
     # ------------------------------------------------------------------ callers (any thread)
-    def submit(self, request: Any, config: Any = None, compressor: Any = None, **kwargs: Any) -> RequestHandle:
+    def submit(self, request: Any, config: Any = None, compressor: Any = None,
+               events_to: asyncio.AbstractEventLoop | None = None, **kwargs: Any) -> RequestHandle:
         """Queue a request (see ``Engine.submit`` for the arguments); returns its handle.
 
-        Called from a coroutine, the handle is read with ``async for``; otherwise by iterating it.
-        Bad input raises here, in the caller's thread.
+        Called from a coroutine (or given ``events_to``, the event loop that will read it), the handle
+        is read with ``async for``; otherwise by iterating it. Bad input raises here, in the caller's
+        thread; so do :class:`EngineClosed` and :class:`QueueFull`.
         """
         if not self._accepting or self._stop.is_set():
             raise EngineClosed("the engine is shutting down and takes no new requests")
+        if self.max_queue is not None and self.waiting() >= self.max_queue:
+            raise QueueFull(f"{self.waiting()} requests are already waiting (the server allows {self.max_queue})")
         from .engine import DEFAULT
 
         seq = self.engine.make_sequence(request, config, DEFAULT if compressor is None else compressor, **kwargs)
-        try:
-            aio: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            aio = None
+        aio = events_to
+        if aio is None:
+            try:
+                aio = asyncio.get_running_loop()
+            except RuntimeError:
+                aio = None
         handle = RequestHandle(self, seq, aio)
         self._inbox.put(("submit", handle))
         self._wake.set()
@@ -144,11 +159,15 @@ class EngineLoop:
         self._inbox.put(("cancel", handle))
         self._wake.set()
 
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted."""
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
     def stats(self) -> dict[str, int]:
         """A snapshot of the scheduler (read without locking: for metrics, not decisions)."""
         sched = self.engine.scheduler
         return {"running": len(sched.running) + (1 if sched.prefilling is not None else 0),
-                "waiting": len(sched.waiting) + self._inbox.qsize(), "parked": len(sched.parked),
+                "waiting": self.waiting(), "parked": len(sched.parked),
                 "kv_used": sched.pool.used, "kv_budget": sched.pool.budget, "prefill_used": sched.workspace.used,
                 "preemptions": sched.preemptions}
 
